@@ -1,0 +1,28 @@
+"""SANA 1.5's model growth, end to end on the built-in shapes domain (the project's main job).
+
+Stage "base": the pretrain config's 4-block model (skipped when `growth.base_checkpoint` names a
+checkpoint, resumed when <workdir>/base has one). Stage "grow": partial preservation to 12 blocks (new
+blocks start as exact identities), then training with CAME-8bit.
+
+python -m sana_jax.train --config=configs/grow.py
+For a converted SANA 1.6B checkpoint grown to 60 blocks (keeping 18), see configs/sana1.5_4800m.py.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import pretrain
+from sana_jax.trainer.config import growth_defaults
+
+
+def get_config() -> ConfigDict:
+    c = pretrain.get_config()
+    c.base = pretrain.get_config()
+    c.growth = growth_defaults()
+    c.growth.target_depth = 12
+    c.growth.strategy = "partial_preservation"
+    c.steps = 300
+    c.sample_every = 150
+    c.optimizer.name = "came_8bit"
+    c.optimizer.lr = 5e-4
+    c.optimizer.warmup_steps = 20
+    return c

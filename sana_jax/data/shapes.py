@@ -1,0 +1,368 @@
+"""The shapes domain: a procedural text-to-image world with GenEval's six tasks.
+
+Prompts come from a small grammar over shapes, colours, counts and relative positions; a renderer
+draws an image that makes the prompt true. Every sample is a pure function of (seed, index).
+
+Tasks and their prompt forms:
+  single_object  "a circle"                    two_objects  "a circle and a square"
+  counting       "three triangles" (1-4)        colors       "a red circle"
+  position       "a circle left of a square"    color_attr   "a red circle and a blue square"
+
+Image coordinates are pixels, x to the right and y down; a box is (x0, y0, x1, y1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Palette in sRGB 0-255. Pairwise RGB distances are all above 84 (orange sits between red and
+# yellow), several times the renderer's per-object jitter.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (240, 120, 20),
+    "yellow": (235, 205, 30),
+    "green": (40, 165, 60),
+    "blue": (40, 90, 220),
+    "purple": (140, 60, 190),
+}
+NUMBERS = ("one", "two", "three", "four")
+RELATIONS = ("left of", "right of", "above", "below")
+TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+MIN_SIZE = 32  # smallest image side the renderer and checker support
+
+# Every word a prompt can contain, in a fixed order.
+VOCABULARY: tuple[str, ...] = tuple(sorted(
+    {"a", "an", "and", "of", "left", "right", "above", "below"}
+    | set(NUMBERS) | set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}))
+
+# Renderer constants, as fractions of the image side.
+_SIDE_FEW = (0.25, 0.38)  # object size for one or two objects
+_SIDE_MANY = (0.21, 0.27)  # object size for three or four objects
+_MARGIN = 0.04  # minimum distance from the image border
+_GAP = 0.08  # minimum distance between object boxes
+_SUPERSAMPLE = 4  # anti-aliasing: coverage sampled on a 4x4 grid per pixel
+_COLOR_JITTER = 10  # per-channel uniform jitter of an object's colour
+_POSITION_ALONG = 0.75  # rendered relations: direction component along the relation (checker: > 0.5)
+_POSITION_ACROSS = 0.35  # and across it (checker: other relations need > 0.5)
+_CANDIDATES = 32  # layouts drawn at once by the renderer
+
+
+@dataclasses.dataclass(frozen=True)
+class Thing:
+    """A noun phrase of a prompt: a shape and an optional colour (None: any colour)."""
+
+    shape: str
+    color: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """A parsed prompt.
+
+    `count` is the exact number of `things[0]` for the counting task (1 otherwise);
+    `relation` says where `things[0]` is relative to `things[1]` for the position task.
+    """
+
+    task: str
+    things: tuple[Thing, ...]
+    count: int = 1
+    relation: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    """An object in an image: shape, colour name (None if unrecognised) and box in pixels."""
+
+    shape: str | None
+    color: str | None
+    box: tuple[float, float, float, float]
+
+    @property
+    def center(self) -> np.ndarray:
+        x0, y0, x1, y1 = self.box
+        return np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+
+    @property
+    def size(self) -> np.ndarray:
+        x0, y0, x1, y1 = self.box
+        return np.array([x1 - x0, y1 - y0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One sample of the domain: prompt text, its spec, the image (H, W, 3) uint8 and its objects."""
+
+    prompt: str
+    spec: PromptSpec
+    image: np.ndarray
+    objects: tuple[SceneObject, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grammar.
+
+
+def _noun(thing: Thing) -> str:
+    """The noun of a phrase, e.g. 'red circle' or 'circle'."""
+    return f"{thing.color} {thing.shape}" if thing.color else thing.shape
+
+
+def _noun_phrase(thing: Thing) -> str:
+    """The phrase with its article, e.g. 'a red circle' or 'an orange square'."""
+    noun = _noun(thing)
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def format_prompt(spec: PromptSpec) -> str:
+    """Returns the prompt text of `spec`."""
+    things = spec.things
+    if spec.task == "counting":
+        noun = things[0].shape if spec.count == 1 else things[0].shape + "s"
+        return f"{NUMBERS[spec.count - 1]} {noun}"
+    if spec.task == "position":
+        return f"{_noun_phrase(things[0])} {spec.relation} {_noun_phrase(things[1])}"
+    return " and ".join(_noun_phrase(t) for t in things)
+
+
+class _Tokens:
+    """A cursor over the words of a prompt, for the recursive-descent parser."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.words = text.lower().split()
+        self.pos = 0
+
+    def error(self, expected: str) -> ValueError:
+        found = repr(self.words[self.pos]) if self.pos < len(self.words) else "the end"
+        return ValueError(f"prompt {self.text!r} is not in the shapes grammar: expected {expected} at "
+                          f"word {self.pos + 1}, found {found}")
+
+    def peek(self) -> str | None:
+        return self.words[self.pos] if self.pos < len(self.words) else None
+
+    def take(self, allowed: Sequence[str], expected: str) -> str:
+        word = self.peek()
+        if word not in allowed:
+            raise self.error(expected)
+        self.pos += 1
+        return word
+
+
+def _parse_phrase(tokens: _Tokens, counted: bool) -> tuple[Thing, int | None]:
+    """Parses `a [colour] shape` (count None), or `number shape(s)` (count given) where `counted`."""
+    first = tokens.take(("a", "an", *NUMBERS) if counted else ("a", "an"),
+                        "'a', 'an' or a number" if counted else "'a' or 'an'")
+    if first in NUMBERS:
+        count = NUMBERS.index(first) + 1
+        nouns = SHAPES if count == 1 else tuple(s + "s" for s in SHAPES)
+        noun = tokens.take(nouns, f"one of {nouns}")
+        return Thing(noun[:-1] if count > 1 else noun), count
+    color = tokens.take(COLORS, "a colour") if tokens.peek() in COLORS else None
+    shape = tokens.take(SHAPES, f"a shape {SHAPES}")
+    if _noun_phrase(Thing(shape, color)) != f"{first} {_noun(Thing(shape, color))}":
+        raise ValueError(f"prompt {tokens.text!r} is not in the shapes grammar: "
+                         f"article {first!r} does not fit {_noun(Thing(shape, color))!r}")
+    return Thing(shape, color), None
+
+
+def parse_prompt(text: str) -> PromptSpec:
+    """Parses a prompt of the shapes grammar back into its `PromptSpec`.
+
+    Raises:
+      ValueError: naming the prompt and the offending word if `text` is not in the grammar.
+    """
+    tokens = _Tokens(text)
+    first, count = _parse_phrase(tokens, counted=True)
+    if count is not None:
+        if tokens.peek() is not None:
+            raise tokens.error("the end of a counting prompt")
+        return PromptSpec("counting", (first,), count=count)
+    if tokens.peek() is None:
+        return PromptSpec("colors" if first.color else "single_object", (first,))
+    if tokens.peek() == "and":
+        tokens.pos += 1
+        second, _ = _parse_phrase(tokens, counted=False)
+        task = "color_attr" if first.color and second.color else "two_objects"
+        relation = None
+    else:
+        word = tokens.take(("left", "right", "above", "below"), "'and' or a relation")
+        relation = f"{word} {tokens.take(('of',), 'of')}" if word in ("left", "right") else word
+        second, _ = _parse_phrase(tokens, counted=False)
+        task = "position"
+    if tokens.peek() is not None:
+        raise tokens.error("the end of the prompt")
+    spec = PromptSpec(task, (first, second), relation=relation)
+    if (bool(first.color) != bool(second.color) or (task == "position" and first.color)
+            or first.shape == second.shape):
+        raise ValueError(f"prompt {text!r} is not in the shapes grammar: two-object prompts name two "
+                         "different shapes, colour both or neither, and position prompts name no colours")
+    return spec
+
+
+def sample_spec(rng: np.random.Generator, task: str) -> PromptSpec:
+    """Draws a random prompt of `task` (one of `TASKS`)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    s1, s2 = (SHAPES[i] for i in rng.permutation(len(SHAPES))[:2])
+    c1, c2 = (list(COLORS)[i] for i in rng.permutation(len(COLORS))[:2])
+    if task == "single_object":
+        return PromptSpec(task, (Thing(s1),))
+    if task == "colors":
+        return PromptSpec(task, (Thing(s1, c1),))
+    if task == "counting":
+        return PromptSpec(task, (Thing(s1),), count=int(rng.integers(1, 5)))
+    if task == "two_objects":
+        return PromptSpec(task, (Thing(s1), Thing(s2)))
+    if task == "position":
+        return PromptSpec(task, (Thing(s1), Thing(s2)), relation=RELATIONS[rng.integers(len(RELATIONS))])
+    return PromptSpec(task, (Thing(s1, c1), Thing(s2, c2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry shared with the checker.
+
+
+# Unit direction of each relation in image coordinates (y down).
+_RELATION_AXES = {"left of": (-1.0, 0.0), "right of": (1.0, 0.0), "above": (0.0, -1.0), "below": (0.0, 1.0)}
+
+
+def _direction(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """GenEval's direction from box `b` to box `a`: boxes (..., 4) -> (..., 2).
+
+    The centre offset is shrunk towards zero by 0.1 of the two boxes' summed sizes on each axis,
+    then divided by the length of the full offset, so each component is in [-1, 1].
+    """
+    offset = (a[..., :2] + a[..., 2:] - b[..., :2] - b[..., 2:]) / 2
+    slack = 0.1 * (a[..., 2:] - a[..., :2] + b[..., 2:] - b[..., :2])
+    shrunk = np.sign(offset) * np.maximum(np.abs(offset) - slack, 0.0)
+    return shrunk / np.maximum(np.linalg.norm(offset, axis=-1, keepdims=True), 1e-9)
+
+
+def relations(a: SceneObject, b: SceneObject) -> set[str]:
+    """The relations that hold for `a` relative to `b`: those whose direction component exceeds 0.5."""
+    direction = _direction(np.asarray(a.box), np.asarray(b.box))
+    return {name for name, axis in _RELATION_AXES.items() if direction @ np.array(axis) > 0.5}
+
+
+def satisfies(spec: PromptSpec, objects: Sequence[SceneObject]) -> tuple[bool, str]:
+    """Whether a scene with `objects` makes `spec` true, with the reason (GenEval's per-task rules).
+
+    Counting needs the exact number of the shape; the other tasks need at least one matching object
+    per noun phrase (with the colour when the phrase names one); position needs a pair of matching
+    objects in the stated relation.
+    """
+    def matching(thing: Thing) -> list[SceneObject]:
+        return [o for o in objects if o.shape == thing.shape and thing.color in (None, o.color)]
+
+    if spec.task == "counting":
+        found = len(matching(spec.things[0]))
+        ok = found == spec.count
+        return ok, f"found {found} {spec.things[0].shape}(s), need exactly {spec.count}"
+    groups = [matching(t) for t in spec.things]
+    for thing, group in zip(spec.things, groups, strict=True):
+        if not group:
+            return False, f"no {_noun(thing)} found"
+    if spec.task == "position":
+        for a in groups[0]:
+            for b in groups[1]:
+                if spec.relation in relations(a, b):
+                    return True, f"a {spec.things[0].shape} is {spec.relation} a {spec.things[1].shape}"
+        return False, f"no {spec.things[0].shape} is {spec.relation} a {spec.things[1].shape}"
+    return True, "every object found"
+
+
+# ---------------------------------------------------------------------------------------------
+# Renderer.
+
+
+def _inside(shape: str, box: tuple[float, float, float, float], x: np.ndarray, y: np.ndarray):
+    """Boolean mask of the points (x, y) inside `shape` drawn in `box`."""
+    x0, y0, x1, y1 = box
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    u, v = (x - cx) / hw, (y - cy) / hh  # in [-1, 1] over the box
+    if shape == "circle":
+        return u * u + v * v <= 1.0
+    if shape == "square":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
+    if shape == "triangle":  # apex at the top centre, base along the bottom edge
+        return (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def coverage(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """Fraction of each pixel covered by `shape` in `box`: (size, size) float32 in [0, 1]."""
+    s = _SUPERSAMPLE
+    c0, r0 = max(int(box[0]), 0), max(int(box[1]), 0)
+    c1, r1 = min(int(np.ceil(box[2])), size), min(int(np.ceil(box[3])), size)
+    xs = c0 + (np.arange((c1 - c0) * s, dtype=np.float32) + 0.5) / s
+    ys = r0 + (np.arange((r1 - r0) * s, dtype=np.float32) + 0.5) / s
+    mask = _inside(shape, box, xs[None, :], ys[:, None])
+    alpha = np.zeros((size, size), np.float32)
+    alpha[r0:r1, c0:c1] = mask.reshape(r1 - r0, s, c1 - c0, s).mean(axis=(1, 3), dtype=np.float32)
+    return alpha
+
+
+def layout(spec: PromptSpec, rng: np.random.Generator, size: int) -> tuple[SceneObject, ...]:
+    """Random objects (shapes, colours, boxes) that make `spec` true in a size x size image.
+
+    Boxes are square, inside a margin and a gap apart; for the position task the stated relation
+    holds clearly (direction component beyond 0.75, the other one below 0.35).
+    """
+    things = list(spec.things) * spec.count if spec.task == "counting" else list(spec.things)
+    colors = [t.color or list(COLORS)[rng.integers(len(COLORS))] for t in things]
+    low, high = _SIDE_FEW if len(things) <= 2 else _SIDE_MANY
+    margin, gap, n = _MARGIN * size, _GAP * size, len(things)
+    while True:  # draw candidate layouts in batches until one fits
+        sides = rng.uniform(low * size, high * size, size=(_CANDIDATES, n, 1))
+        corners = margin + rng.random((_CANDIDATES, n, 2)) * (size - 2 * margin - sides)
+        boxes = np.concatenate([corners, corners + sides], axis=-1)
+        a, b = boxes[:, :, None, :], boxes[:, None, :, :]
+        apart = ((a[..., 0] >= b[..., 2] + gap) | (b[..., 0] >= a[..., 2] + gap)
+                 | (a[..., 1] >= b[..., 3] + gap) | (b[..., 1] >= a[..., 3] + gap))
+        fits = (apart | np.eye(n, dtype=bool)).all(axis=(1, 2))
+        if spec.task == "position":
+            axis = np.array(_RELATION_AXES[spec.relation])
+            direction = _direction(boxes[:, 0], boxes[:, 1])
+            fits &= (direction @ axis > _POSITION_ALONG) & (np.abs(direction @ axis[::-1]) < _POSITION_ACROSS)
+        if fits.any():
+            chosen = boxes[fits.argmax()]
+            return tuple(SceneObject(t.shape, c, tuple(float(v) for v in box))
+                         for t, c, box in zip(things, colors, chosen, strict=True))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A light, slightly tinted background with a gentle gradient and noise: (size, size, 3) float."""
+    base = rng.uniform(215.0, 245.0) + rng.uniform(-6.0, 6.0, size=3)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.linspace(-0.5, 0.5, size)
+    gradient = rng.uniform(0.0, 16.0) * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None])
+    noise = rng.normal(0.0, 2.0, size=(size, size, 3))
+    return base + gradient[..., None] + noise
+
+
+def render(objects: Sequence[SceneObject], rng: np.random.Generator, size: int) -> np.ndarray:
+    """Draws `objects` (anti-aliased, colour-jittered) on a random background: (size, size, 3) uint8."""
+    image = _background(rng, size)
+    for obj in objects:
+        alpha = coverage(obj.shape, obj.box, size)[..., None]
+        color = np.array(COLORS[obj.color]) + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
+        image = image * (1.0 - alpha) + color * alpha
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def make_sample(seed: int, index: int, *, size: int = 32, tasks: Sequence[str] = TASKS) -> Sample:
+    """Sample `index` of the domain `seed`: task `tasks[index % len(tasks)]`, image size x size."""
+    if size < MIN_SIZE:
+        raise ValueError(f"image size {size} is too small; expected at least {MIN_SIZE}")
+    if index < 0:
+        raise ValueError(f"sample index must be non-negative, got {index}")
+    rng = np.random.default_rng((seed, index))
+    spec = sample_spec(rng, tasks[index % len(tasks)])
+    objects = layout(spec, rng, size)
+    return Sample(format_prompt(spec), spec, render(objects, rng, size), objects)

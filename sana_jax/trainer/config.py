@@ -1,0 +1,128 @@
+"""The training config schema: defaults for every field, and checks that run before any compile.
+
+Config files under `configs/` start from `default_config()` and change fields; `validate` rejects unknown
+fields and impossible combinations, naming the field.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from sana_jax.model import PRESETS
+from sana_jax.trainer.optimizers import OPTIMIZERS, SCHEDULES
+
+GROWTH_STRATEGIES = ("partial_preservation", "cyclic", "block_expand")
+PRUNE_METHODS = ("importance", "random", "last")
+
+
+def default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.steps = 1000
+    c.batch_size = 32
+    c.log_every = 25
+    c.checkpoint_every = 250
+    c.keep_checkpoints = 2  # the latest N
+    c.keep_every = 0  # and every K-th step for good (0: none)
+    c.async_checkpointing = True
+    c.sample_every = 0  # sample grid + checker accuracy every N steps (0: only at the end)
+    c.max_nonfinite_in_a_row = 20  # consecutive skipped updates before the run stops
+    c.init_checkpoint = ""  # start from these weights (a sana_jax.checkpoint directory)
+
+    c.mesh = ConfigDict({"data": -1, "fsdp": 1})
+
+    # The model: a preset plus field overrides. Channel counts and sample size follow the data.
+    c.model = ConfigDict({"preset": "tiny", "overrides": {}})
+
+    # sana_jax.data.DataConfig fields.
+    c.data = ConfigDict({"source": "shapes", "resolution": 32, "caption_dropout": 0.1})
+
+    c.optimizer = ConfigDict({
+        "name": "came", "lr": 2e-4, "schedule": "constant", "warmup_steps": 100, "end_lr": 0.0,
+        "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "clip_grad_norm": 1.0,
+    })
+    c.training = ConfigDict({
+        "shift": 1.0, "logit_mean": 0.0, "logit_std": 1.0, "grad_accum": 1, "ema_decay": 0.0,
+        "compute_dtype": "float32", "remat": "none",
+    })
+    c.sampling = ConfigDict({
+        "num_prompts": 32, "grid_size": 16, "num_steps": 20, "guidance_scale": 4.5, "shift": 1.0,
+        "solver": "flow_dpm_solver", "eval_seed": 1234,
+    })
+    # Optional stages (see configs/grow.py and configs/prune.py); None when unused.
+    c.growth = None
+    c.prune = None
+    return c
+
+
+def growth_defaults() -> ConfigDict:
+    return ConfigDict({
+        "target_depth": 12, "strategy": "partial_preservation", "keep": -1, "zero_copies": False,
+        # The base model: a checkpoint directory (a sana_jax.checkpoint) or, when empty or absent, a base run
+        # trained first in <workdir>/base with the `base` config section.
+        "base_checkpoint": "",
+    })
+
+
+def prune_defaults() -> ConfigDict:
+    return ConfigDict({
+        "target_depth": 6, "method": "importance", "calibration_batches": 4,
+        "timesteps": (100, 300, 500, 700, 900), "base_checkpoint": "",
+    })
+
+
+def _check_fields(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ValueError(f"unknown config field {name!r}; known fields here: {sorted(schema.keys())}")
+        value, default = config[key], schema[key]
+        if isinstance(default, ConfigDict) and key != "overrides" and value is not None:
+            if not isinstance(value, ConfigDict):
+                raise ValueError(f"config field {name!r} must be a section, got {value!r}")
+            _check_fields(value, default, name + ".")
+
+
+def validate(config: ConfigDict, *, num_devices: int) -> None:
+    """Raises ValueError naming the first unknown field or impossible value."""
+    schema = default_config()
+    schema.growth = growth_defaults()
+    schema.prune = prune_defaults()
+    schema.base = default_config()  # the growth stage's base run
+    _check_fields(config, schema, "")
+
+    def require(ok: bool, field: str, expected: str):
+        if not ok:
+            value = config
+            for part in field.split("."):
+                value = value[part]
+            raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+    for field in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        require(isinstance(config[field], int) and config[field] > 0, field, "a positive integer")
+    require(config.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
+    require(config.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")
+    require(config.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
+    require(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
+    require(config.optimizer.lr > 0, "optimizer.lr", "a positive learning rate")
+    require(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0")
+    require(0.0 <= config.training.ema_decay < 1.0, "training.ema_decay", "a value in [0, 1)")
+    require(config.training.shift > 0, "training.shift", "a positive shift")
+    grad_accum = config.training.grad_accum
+    require(isinstance(grad_accum, int) and grad_accum >= 1, "training.grad_accum", "a positive integer")
+    require(config.batch_size % grad_accum == 0, "batch_size", f"a multiple of training.grad_accum={grad_accum}")
+    from sana_jax.trainer.sharding import mesh_shape
+
+    data, fsdp = mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+    micro = config.batch_size // grad_accum
+    require(micro % (data * fsdp) == 0, "batch_size",
+            f"a multiple of training.grad_accum x mesh devices = {grad_accum} x {data * fsdp} "
+            "(the batch is split over the data and fsdp axes)")
+    if config.growth is not None:
+        require(config.growth.strategy in GROWTH_STRATEGIES, "growth.strategy", f"one of {GROWTH_STRATEGIES}")
+        require(config.growth.target_depth >= 1, "growth.target_depth", "a positive depth")
+    if config.prune is not None:
+        require(config.prune.method in PRUNE_METHODS, "prune.method", f"one of {PRUNE_METHODS}")
+        require(config.prune.target_depth >= 1, "prune.target_depth", "a positive depth")
+    if "base" in config and config.base is not None:
+        validate(config.base, num_devices=num_devices)

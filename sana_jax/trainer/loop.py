@@ -1,0 +1,260 @@
+"""The training loop: one stage of training on a mesh, resumable from its workdir, and the staged runs
+(train a base, grow it, keep training; or prune by importance and fine-tune)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from sana_jax import checkpoint as sana_checkpoint
+from sana_jax.data.pipeline import DataConfig, element_shapes, make_train_iterator
+from sana_jax.model import SanaConfig, init_params, preset
+from sana_jax.trainer import monitor, sharding
+from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
+from sana_jax.trainer.step import init_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"  # the final weights (EMA when enabled) as a sana_jax.checkpoint
+
+
+def model_config_for(config: ConfigDict, data_config: DataConfig) -> SanaConfig:
+    """The config's preset and overrides, with channels and sample size taken from the data."""
+    shapes_ = element_shapes(data_config)
+    latent_h, _, latent_c = shapes_["latents"]
+    return dataclasses.replace(
+        preset(config.model.preset), in_channels=latent_c, out_channels=latent_c,
+        caption_channels=shapes_["text"][-1], sample_size=latent_h,
+        compute_dtype=config.training.compute_dtype, remat=config.training.remat,
+        **dict(config.model.overrides))
+
+
+def _checkpoint_manager(workdir: Path, config: ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, keep_period=config.keep_every or None,
+        enable_async_checkpointing=config.async_checkpointing, create=True)
+    return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+
+
+def saved_model_config(workdir: Path) -> SanaConfig | None:
+    """The model config of the latest checkpoint in a workdir, or None when it has none."""
+    manager = ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute())
+    step = manager.latest_step()
+    if step is None:
+        return None
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return SanaConfig.from_dict(meta["model_config"])
+
+
+def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None,
+          model_config: SanaConfig | None = None, stage: str = "") -> tuple[SanaConfig, dict]:
+    """Trains for `config.steps` steps in `workdir`, resuming from its latest checkpoint if any.
+
+    Args:
+      config: a training config (see `sana_jax.trainer.config`).
+      workdir: receives checkpoints/, metrics.jsonl, tensorboard/, samples/ and model/.
+      params, model_config: starting weights and their architecture (e.g. a grown model); by default
+        `config.init_checkpoint` or a fresh init of the config's model.
+      stage: a label for the progress bar and the metrics.
+    Returns:
+      The model config and its final params (the EMA weights when `training.ema_decay` > 0).
+    """
+    workdir = Path(workdir)
+    data_config = DataConfig.from_mapping(config.data)
+    resumed_config = saved_model_config(workdir)
+    if resumed_config is not None:
+        model_config = resumed_config
+    elif model_config is None:
+        if config.init_checkpoint:
+            model_config, params = sana_checkpoint.load(config.init_checkpoint)
+        else:
+            model_config = model_config_for(config, data_config)
+    model_config = dataclasses.replace(model_config, compute_dtype=config.training.compute_dtype,
+                                       remat=config.training.remat)
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    tx = make_optimizer(config.optimizer, config.steps)
+    schedule = learning_rate_schedule(config.optimizer, config.steps)
+    use_ema = config.training.ema_decay > 0
+    abstract_params = jax.eval_shape(init_params, model_config, jax.random.key(0))
+    params_sharding = sharding.param_shardings(model_config, abstract_params, mesh)
+    build_state = jax.jit(lambda p: init_train_state(p, tx, ema=use_ema), in_shardings=(params_sharding,))
+    state_sharding = build_state.lower(abstract_params).compile().output_shardings
+    build_state = jax.jit(lambda p: init_train_state(p, tx, ema=use_ema), in_shardings=(params_sharding,),
+                          out_shardings=state_sharding)
+
+    data_iter = make_train_iterator(data_config, seed=config.seed, batch_size=config.batch_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+    manager = _checkpoint_manager(workdir, config)
+    start = manager.latest_step()
+    if start is not None:
+        abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      jax.eval_shape(build_state, abstract_params), state_sharding)
+        restored = manager.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+        state = restored.state
+        log.info("resumed %s from step %d", workdir, start)
+    else:
+        start = 0
+        if params is None:
+            params = jax.jit(init_params, static_argnums=0, out_shardings=params_sharding)(
+                model_config, jax.random.key(config.seed))
+        state = build_state(jax.device_put(params, params_sharding))
+
+    step_fn = jax.jit(
+        make_train_step(model_config, tx, schedule, seed=config.seed, shift=config.training.shift,
+                        logit_mean=config.training.logit_mean, logit_std=config.training.logit_std,
+                        grad_accum=config.training.grad_accum, ema_decay=config.training.ema_decay),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, None), donate_argnums=0)
+
+    writer = monitor.MetricWriter(workdir, resume_step=start, stage=stage)
+    meta = {"model_config": dataclasses.asdict(model_config), "stage": stage}
+
+    def save(step: int) -> None:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta)))
+
+    def sample(step: int) -> None:
+        eval_params = state["ema_params"] if use_ema else state["params"]
+        metrics = sample_and_score(eval_params, model_config, data_config, config.sampling,
+                                   workdir / "samples" / f"step_{step:06d}.png", title=f"{stage} step {step}")
+        writer.write(step, metrics)
+
+    if start == 0 and config.sample_every:
+        sample(0)
+    throughput = monitor.Throughput(config.batch_size)
+    pending, previous = [], None
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=stage or "train",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    for step in bar:
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        pending.append(metrics)
+        if previous is not None and int(previous["nonfinite_in_a_row"]) >= config.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"{int(previous['nonfinite_in_a_row'])} updates in a row had a non-finite loss or gradient "
+                f"(max_nonfinite_in_a_row={config.max_nonfinite_in_a_row}); stopped at step {step}. The last "
+                f"good checkpoint is in {workdir / CHECKPOINT_DIR}.")
+        previous = metrics
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            fetched = jax.device_get(pending)
+            row = {"loss": float(np.mean([m["loss"] for m in fetched])),
+                   "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                   "learning_rate": float(fetched[-1]["learning_rate"]),
+                   "skipped": float(np.sum([m["skipped"] for m in fetched])),
+                   "nonfinite_total": float(fetched[-1]["nonfinite_total"]),
+                   **throughput.update(done)}
+            pending = []
+            writer.write(done, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_s']:.2f}",
+                            img_s=f"{row['images_per_s']:.1f}")
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save(done)
+        if config.sample_every and done % config.sample_every == 0 and done != config.steps:
+            sample(done)
+    bar.close()
+    if start < config.steps or not (workdir / MODEL_DIR).exists():
+        sample(config.steps)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    final = state["ema_params"] if use_ema else state["params"]
+    if jax.process_index() == 0 and not (workdir / MODEL_DIR).exists():
+        sana_checkpoint.save(workdir / MODEL_DIR, model_config, jax.device_get(final))
+    return model_config, final
+
+
+def sample_and_score(params: dict, model_config: SanaConfig, data_config: DataConfig, sampling: ConfigDict,
+                     grid_path: Path, *, title: str = "") -> dict[str, float]:
+    """Samples the fixed evaluation prompts, writes a grid PNG and returns the checker's accuracy."""
+    prompts = monitor.eval_prompts(data_config, sampling.num_prompts, sampling.eval_seed)
+    images = monitor.sample_images(
+        params, model_config, data_config, prompts, key=jax.random.key(sampling.eval_seed),
+        num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale, shift=sampling.shift,
+        solver=sampling.solver)
+    verdicts = [monitor.checker.check(p, im) for p, im in zip(prompts, images, strict=True)]
+    accuracy = float(np.mean(verdicts))
+    if jax.process_index() == 0:
+        n = sampling.grid_size
+        monitor.save_grid(grid_path, images[:n], prompts[:n], verdicts=verdicts[:n],
+                          title=f"{title}  checker accuracy {accuracy:.2f} on {len(prompts)} prompts")
+    return {"sample_accuracy": accuracy}
+
+
+def _load_or_train_base(config: ConfigDict, workdir: Path, base_checkpoint: str) -> tuple[SanaConfig, dict]:
+    if base_checkpoint:
+        return sana_checkpoint.load(base_checkpoint)
+    if "base" not in config or config.base is None:
+        raise ValueError("this run needs a base model: set growth/prune.base_checkpoint or a `base` section")
+    return train(config.base, workdir / "base", stage="base")
+
+
+def run(config: ConfigDict, workdir: str | Path) -> tuple[SanaConfig, dict]:
+    """The whole job of a config: a plain run, or base -> grow -> train, or base -> prune -> fine-tune."""
+    workdir = Path(workdir)
+    if config.growth is None and config.prune is None:
+        return train(config, workdir)
+    if saved_model_config(workdir) is not None:  # the final stage already started: resume it
+        return train(config, workdir, stage="grow" if config.growth is not None else "prune")
+    from sana_jax import surgery
+
+    if config.growth is not None:
+        g = config.growth
+        base_config, base_params = _load_or_train_base(config, workdir, g.base_checkpoint)
+        new_config, new_params = surgery.grow(
+            base_params, base_config, target_depth=g.target_depth, strategy=g.strategy,
+            keep=None if g.keep < 0 else g.keep, zero_copies=g.zero_copies,
+            key=jax.random.key(config.seed + 1))
+        _write_json(workdir / "surgery.json", {"kind": "growth", "from_depth": base_config.depth,
+                                               "to_depth": new_config.depth, "strategy": g.strategy})
+        return train(config, workdir, params=new_params, model_config=new_config, stage="grow")
+
+    p = config.prune
+    base_config, base_params = _load_or_train_base(config, workdir, p.base_checkpoint)
+    keep_blocks = choose_blocks_to_keep(base_params, base_config, config, p)
+    new_config, new_params = surgery.prune(base_params, base_config, keep_blocks)
+    _write_json(workdir / "surgery.json", {"kind": "prune", "method": p.method, "from_depth": base_config.depth,
+                                           "kept_blocks": [int(i) for i in keep_blocks]})
+    return train(config, workdir, params=new_params, model_config=new_config, stage="prune")
+
+
+def choose_blocks_to_keep(params: dict, model_config: SanaConfig, config: ConfigDict,
+                          prune_config: ConfigDict) -> list[int]:
+    """Indices of the blocks to keep: the most important (block importance), random, or the first ones."""
+    from sana_jax import surgery
+
+    n = prune_config.target_depth
+    if n > model_config.depth:
+        raise ValueError(f"prune.target_depth={n} exceeds the base model's depth {model_config.depth}")
+    if prune_config.method == "last":
+        return list(range(n))
+    if prune_config.method == "random":
+        rng = np.random.default_rng(config.seed)
+        return sorted(rng.choice(model_config.depth, n, replace=False).tolist())
+    data_config = DataConfig.from_mapping({**config.data.to_dict(), "caption_dropout": 0.0})
+    iterator = make_train_iterator(data_config, seed=config.seed + 7, batch_size=config.batch_size,
+                                   process_index=0, process_count=1)
+    batches = [next(iterator) for _ in range(prune_config.calibration_batches)]
+    importance = surgery.block_importance(params, model_config, batches,
+                                          timesteps=jnp.asarray(prune_config.timesteps, jnp.float32))
+    return surgery.most_important_blocks(np.asarray(importance), n)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value, indent=2) + "\n")

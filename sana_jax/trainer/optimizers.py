@@ -1,0 +1,39 @@
+"""The optimizer of a training config: schedule, global-norm clipping, CAME / CAME-8bit / AdamW."""
+
+from __future__ import annotations
+
+import optax
+from ml_collections import ConfigDict
+
+from sana_jax.optim import came
+
+OPTIMIZERS = ("came", "came_8bit", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then constant or cosine decay to `end_lr`."""
+    warmup = optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1))
+    if config.schedule == "constant":
+        after = optax.constant_schedule(config.lr)
+    else:
+        after = optax.cosine_decay_schedule(config.lr, max(total_steps - config.warmup_steps, 1),
+                                            alpha=config.end_lr / config.lr if config.lr else 0.0)
+    return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def make_optimizer(config: ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """config: the `optimizer` section (name, lr, schedule, warmup_steps, end_lr, weight_decay, b1, b2, clip_grad_norm).
+
+    Non-finite gradients skip the whole update (`optax.apply_if_finite`), which counts them in its state.
+    """
+    schedule = learning_rate_schedule(config, total_steps)
+    if config.name == "adamw":
+        inner = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    else:
+        inner = came(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                     eight_bit=config.name == "came_8bit")
+    clip = [optax.clip_by_global_norm(config.clip_grad_norm)] if config.clip_grad_norm > 0 else []
+    # A huge error budget: the update is never applied with non-finite values; the trainer decides when
+    # to stop from the count of consecutive skips.
+    return optax.apply_if_finite(optax.chain(*clip, inner), max_consecutive_errors=2**30)

@@ -1,0 +1,350 @@
+"""Linear-attention kernels: the jnp paths in-process, the Triton kernels under Triton's interpreter.
+
+The Triton half runs in one child process (this file run as a script) with TRITON_INTERPRET=1 and four
+host devices. There `jax_triton.triton_call` is stood in for by a `jax.pure_callback` that launches the
+same kernel with plain `kernel[grid](...)` on torch CPU tensors, so the JAX launchers, the custom_vjp
+and the vmap / sharding wrappers run with the real kernel bodies. Every result is checked here against
+the quadratic form of the attention in torch float64 and its autograd gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from sana_jax.kernels import linear_attention, linear_attention_xla
+
+EPS = 1e-15
+# Normwise relative errors allowed against the float64 reference. bf16 cases start from bf16 inputs
+# (so the reference sees the same values) and end in bf16 outputs and gradients: 2^-8 rounding.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+# Interpreter cases: (tokens, head dim, dtype, (block_n, splits)); splits 1 is the fused kernel pair.
+# Batch 2 x 2 heads. Kept small: the interpreter runs each program in Python.
+INTERPRETED = {
+    f"n{n}-d{d}-{dtype}-{'fused' if s == 1 else f'split{s}'}-block{b}": (n, d, dtype, (b, s))
+    for n, d, dtype, (b, s) in [
+        (1, 32, "float32", (16, 1)), (37, 32, "float32", (32, 1)), (300, 32, "float32", (64, 2)),
+        (1, 64, "float32", (16, 2)), (37, 64, "float32", (32, 1)), (300, 64, "bfloat16", (64, 1)),
+        (1, 128, "float32", (16, 1)), (37, 128, "float32", (16, 2)), (37, 128, "bfloat16", (32, 1)),
+        (37, 32, "bfloat16", (32, 2)),
+    ]}
+# Sharded runs in the child: mesh shape, axis names, input PartitionSpec.
+MESHES = {"batch": ((4,), ("data",), ("data",)),
+          "batch-and-heads": ((2, 2), ("data", "model"), ("data", None, "model")),
+          "tokens": ((4,), ("data",), (None, "data"))}
+
+
+def _inputs(seed: int, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, ...]:
+    """q, k, v, dout: standard normals (float32, or bf16-rounded values held as float32)."""
+    arrays = np.random.default_rng(seed).standard_normal((4, *shape)).astype(np.float32)
+    return tuple(np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in arrays)
+
+
+def _torch_reference(q, k, v, dout, eps=EPS):
+    """Output and (dq, dk, dv) of the quadratic form o_i = sum_j s_ij v_j / (sum_j s_ij + eps), float64."""
+    q, k, v = (torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in (q, k, v))
+    scores = torch.einsum("bihd,bjhd->bhij", q.relu(), k.relu())
+    norm = scores.sum(-1).transpose(1, 2)[..., None] + eps
+    out = torch.einsum("bhij,bjhe->bihe", scores, v) / norm
+    out.backward(torch.tensor(np.asarray(dout, np.float64)))
+    return out.detach().numpy(), (q.grad.numpy(), k.grad.numpy(), v.grad.numpy())
+
+
+def _error(actual, expected, floor) -> float:
+    """||actual - expected|| / max(||expected||, floor); the floor keeps gradients that are
+    zero up to rounding (one token: o = v, whatever q and k) from dividing by ~0."""
+    actual = np.asarray(jnp.asarray(actual).astype(jnp.float32), np.float64)
+    assert np.all(np.isfinite(actual)), "non-finite values"
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), floor))
+
+
+def _assert_matches(out, grads, q, k, v, dout, tolerance):
+    expected_out, expected_grads = _torch_reference(q, k, v, dout)
+    floor = float(np.linalg.norm(dout))
+    errors = {"out": _error(out, expected_out, 0.0)}
+    errors.update({name: _error(g, e, floor)
+                   for name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads, strict=True)})
+    assert max(errors.values()) < tolerance, errors
+
+
+# ----------------------------------------------------------------------------- jnp paths, in-process
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tuple(jnp.asarray(x) for x in _inputs(0, (2, 37, 3, 8), "float32"))
+
+
+def _grads(attention, q, k, v, dout):
+    out, vjp = jax.vjp(attention, q, k, v)
+    return out, vjp(dout)
+
+
+@jax.jit
+def _reference_grads(q, k, v, dout):
+    return _grads(linear_attention_xla, q, k, v, dout)
+
+
+def test_reference_matches_quadratic_form(data):
+    q, k, v, dout = data
+    out, grads = _reference_grads(q, k, v, dout)
+    _assert_matches(out, grads, q, k, v, dout, TOLERANCE["float32"])
+
+
+def test_reference_keeps_bf16():
+    q, k, v, _ = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(1, (1, 5, 2, 8), "bfloat16"))
+    assert linear_attention_xla(q, k, v).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_custom_vjp_matches_reference_autodiff(dtype):
+    q, k, v, dout = (jnp.asarray(x, dtype) for x in _inputs(2, (2, 37, 3, 8), dtype))
+    out, grads = jax.jit(lambda *a: _grads(lambda *x: linear_attention(*x, impl="xla"), *a))(q, k, v, dout)
+    ref_out, ref_grads = _reference_grads(q, k, v, dout)
+    assert out.dtype == q.dtype and all(g.dtype == q.dtype for g in grads)
+    floor = float(jnp.linalg.norm(dout.astype(jnp.float32)))
+    assert _error(out, np.asarray(ref_out, np.float64), 0.0) < TOLERANCE[dtype]
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert _error(g, np.asarray(r.astype(jnp.float32), np.float64), floor) < TOLERANCE[dtype]
+    # And against the independent float64 form.
+    _assert_matches(out, grads, *(x.astype(jnp.float32) for x in (q, k, v, dout)), TOLERANCE[dtype])
+
+
+def test_custom_vjp_under_vmap_with_an_unmapped_argument(data):
+    q, k, v, dout = data
+    qs, ks, douts = jnp.stack([q, 2 * q]), jnp.stack([k, -k]), jnp.stack([dout, dout[::-1]])
+
+    def per_example(attention):
+        return jax.jit(jax.vmap(lambda q, k, g: _grads(attention, q, k, v, g), in_axes=(0, 0, 0)))
+
+    out, grads = per_example(lambda *x: linear_attention(*x, impl="xla"))(qs, ks, douts)
+    for i in range(2):
+        _assert_matches(out[i], [g[i] for g in grads], qs[i], ks[i], v, douts[i], TOLERANCE["float32"])
+
+
+def test_grad_of_vmap_and_remat_match_reference(data):
+    q, k, v, _ = data
+
+    def loss(attention):
+        per_view = jax.vmap(jax.checkpoint(attention), in_axes=(0, None, None))
+        return lambda q, k, v: jnp.sum(jnp.sin(per_view(jnp.stack([q, q[:, ::-1]]), k, v)))
+
+    grads = jax.jit(jax.grad(loss(lambda *x: linear_attention(*x, impl="xla")), argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.jit(jax.grad(loss(linear_attention_xla), argnums=(0, 1, 2)))(q, k, v)
+    for g, e in zip(grads, expected, strict=True):
+        assert _error(g, np.asarray(e, np.float64), 0.0) < TOLERANCE["float32"]
+
+
+def test_bad_inputs_name_the_problem(data):
+    q, k, v, _ = data
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        linear_attention(q, k, v, impl="cuda")
+    with pytest.raises(ValueError, match=r"'k': \(2, 36, 3, 8\)"):
+        linear_attention(q, k[:, 1:], v)
+    with pytest.raises(ValueError, match="bfloat16"):
+        linear_attention(q, k.astype(jnp.bfloat16), v)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the choice made without a GPU")
+def test_auto_falls_back_to_xla_without_a_gpu_and_says_so(data, caplog):
+    q, k, v, _ = data
+    with caplog.at_level(logging.DEBUG, logger="sana_jax.kernels.linear_attention"):
+        out = linear_attention(q, k, v, impl="auto")
+    assert "XLA, since the default backend is 'cpu'" in caplog.text
+    np.testing.assert_allclose(out, jax.jit(linear_attention_xla)(q, k, v), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="impl='triton'.*not 'gpu'"):
+        linear_attention(q, k, v, impl="triton")
+
+
+# ----------------------------------------------------------------------------- tools/bench_gpu.py
+
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench_gpu.py")
+
+
+def test_bench_gpu_help_runs_without_a_gpu():
+    done = subprocess.run([sys.executable, BENCH, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--dry-run" in done.stdout and "--budget-s" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_gpu_dry_run_times_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, BENCH, "--dry-run", "--out", str(out), "--seed", "3"],
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["environment"]["backend"] == "cpu" and results["environment"]["copy_bandwidth_tb_s"] > 0
+    assert results["check"]["all_pass"] and len(results["check"]["cases"]) == 2  # d=32 x (fp32, bf16)
+    for name in ("xla", "xla_custom_vjp"):
+        for direction in ("forward", "forward+backward"):
+            assert results["kernels"][f"{name}/{direction}/n37"]["us"] > 0
+    for name in ("xla/forward/b2", "xla/train_step/b2"):
+        assert results["model"][name]["ms"] > 0
+    for name in ("eager/forward/b2", "eager/train_step/b2"):
+        assert results["diffusers"][name]["ms"] > 0
+    assert "Triton unavailable" in results["sweep"]["stopped"]["skipped"]
+    table = done.stdout.split("[bench_gpu] sweep")[1]
+    assert "check  2 cases" in table and "model  xla/train_step/b2" in table
+
+
+# ----------------------------------------------------------------------------- interpreter, child process
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+    """Runs this file as a script under Triton's interpreter on four host devices; returns its results."""
+    out_dir = tmp_path_factory.mktemp("interpreted")
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    with np.load(out_dir / "arrays.npz") as arrays:
+        return dict(arrays), json.loads((out_dir / "report.json").read_text())
+
+
+@pytest.mark.parametrize("case", INTERPRETED)
+def test_interpreted_kernels_match_float64_reference(child, case):
+    arrays, report = child
+    dtype = INTERPRETED[case][2]
+    q, k, v, dout = (arrays[f"{case}/{name}"] for name in ("q", "k", "v", "dout"))
+    _assert_matches(arrays[f"{case}/out"], [arrays[f"{case}/{n}"] for n in ("dq", "dk", "dv")],
+                    q, k, v, dout, TOLERANCE[dtype])
+    assert [report[f"{case}/{n}"] for n in ("out", "dq", "dk", "dv")] == [dtype] * 4
+
+
+def test_interpreted_custom_vjp_under_jit_and_vmap(child):
+    arrays, _ = child
+    q, k, v, dout = (arrays[f"vmap/{name}"] for name in ("q", "k", "v", "dout"))
+    for i in range(q.shape[0]):
+        _assert_matches(arrays["vmap/out"][i], [arrays[f"vmap/{n}"][i] for n in ("dq", "dk", "dv")],
+                        q[i], k[i], v[i], dout[i], TOLERANCE["float32"])
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_inputs_stay_sharded(child, mesh):
+    arrays, report = child
+    q, k, v, dout = (arrays[f"sharded/{n}"] for n in ("q", "k", "v", "dout"))
+    name = f"sharded-{mesh}"
+    _assert_matches(arrays[f"{name}/out"], [arrays[f"{name}/{n}"] for n in ("dq", "dk", "dv")],
+                    q, k, v, dout, TOLERANCE["float32"])
+    shape, axes, spec = MESHES[mesh]
+    spec = list(spec) + [None] * (4 - len(spec))
+    kept = [spec[0], None, spec[2], None]  # batch and head shardings pass, a token sharding cannot
+    assert report[name]["grad_spec"] == spec
+    assert report[name]["all_gather"] == report[f"{name}-triton"]["all_gather"] == (kept != spec)
+    # The Triton path compiles to kernel calls on each device's shard of (4, 36, 4, 32).
+    sizes = dict(zip(axes, shape, strict=True))
+    batch, tokens, heads, head_dim = (
+        n // sizes.get(axis, 1) for n, axis in zip((4, 36, 4, 32), kept, strict=True))
+    assert sorted(report[f"{name}-triton"]["kernel_operand_shapes"]) == sorted(
+        [[batch, tokens, heads, head_dim], [batch, heads, head_dim, head_dim]])
+
+
+# ----------------------------------------------------------------------------- the child
+
+
+_INTERPRETER_LOCK = threading.Lock()  # The interpreter's state is global; devices call in parallel.
+
+
+def _interpreted_triton_call(*args, kernel, out_shape, grid, name="", **launch):
+    """`jax_triton.triton_call`'s contract, run by Triton's interpreter on host torch tensors."""
+    del name
+    shapes = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
+    is_array = [not isinstance(a, (bool, int, float, np.floating)) for a in args]
+    torch_dtypes = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}
+
+    def to_torch(x):
+        x = np.array(x)
+        if x.dtype == jnp.bfloat16:
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(x)
+
+    def to_numpy(x):
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(jnp.bfloat16)
+        return x.numpy()
+
+    def host(*arrays):
+        arrays = iter(arrays)
+        call = [to_torch(next(arrays)) if array else (float(a) if isinstance(a, np.floating) else a)
+                for a, array in zip(args, is_array, strict=True)]
+        outs = [torch.empty(s.shape, dtype=torch_dtypes[jnp.dtype(s.dtype)]) for s in shapes]
+        with _INTERPRETER_LOCK:
+            kernel[grid](*call, *outs, **launch)
+        return tuple(to_numpy(o) for o in outs)
+
+    outs = jax.pure_callback(host, shapes, *(a for a, array in zip(args, is_array, strict=True) if array))
+    return outs if isinstance(out_shape, (tuple, list)) else outs[0]
+
+
+def _run_child(out_dir: str) -> None:
+    import importlib
+    import types
+
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+    from sana_jax.kernels import triton_linear_attention as kernels
+
+    dispatch = importlib.import_module("sana_jax.kernels.linear_attention")
+
+    sys.modules["jax_triton"] = types.SimpleNamespace(triton_call=_interpreted_triton_call)
+    arrays, report = {}, {}
+
+    def save(prefix, **values):  # bf16 travels as float32 (exact), its dtype in the report
+        for key, value in values.items():
+            arrays[f"{prefix}/{key}"] = np.asarray(value.astype(jnp.float32))
+            report[f"{prefix}/{key}"] = value.dtype.name
+
+    for seed, (case, (tokens, head_dim, dtype, (block_n, splits))) in enumerate(INTERPRETED.items()):
+        q, k, v, dout = (jnp.asarray(x, dtype) for x in _inputs(seed, (2, tokens, 2, head_dim), dtype))
+        config = kernels.LaunchConfig(block_n=block_n, splits=splits, num_warps=4, num_stages=2)
+        out, state, key_sum = kernels.forward(q, k, v, EPS, config)
+        dq, dk, dv = kernels.backward(q, k, v, state, key_sum, dout, EPS, config)
+        save(case, q=q, k=k, v=v, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
+
+    def grads(impl):
+        return lambda q, k, v, g: _grads(lambda *x: dispatch._linear_attention(*x, EPS, impl), q, k, v, g)
+
+    q, k, v, dout = (jnp.asarray(x) for x in _inputs(100, (2, 2, 37, 2, 32), "float32"))
+    out, (dq, dk, dv) = jax.jit(jax.vmap(grads("triton")))(q, k, v, dout)
+    save("vmap", q=q, k=k, v=v, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
+
+    # Sharded: the jnp path runs; the Triton path is compiled only, since host callbacks made inside a
+    # custom_partitioning rule are not kept alive by the executable (a jax_triton call is no callback).
+    q, k, v, dout = (jnp.asarray(x) for x in _inputs(200, (4, 36, 4, 32), "float32"))
+    save("sharded", q=q, k=k, v=v, dout=dout)
+    for mesh_name, (shape, axes, spec) in MESHES.items():
+        mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(shape))
+        placed = [jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec))) for x in (q, k, v, dout)]
+        run = jax.jit(grads("xla"))
+        out, (dq, dk, dv) = run(*placed)
+        save(f"sharded-{mesh_name}", out=out, dq=dq, dk=dk, dv=dv)
+        report[f"sharded-{mesh_name}"] = {
+            "grad_spec": list(dq.sharding.spec) + [None] * (4 - len(dq.sharding.spec)),
+            "all_gather": "all-gather" in run.lower(*placed).compile().as_text()}
+        hlo = jax.jit(grads("triton")).lower(*placed).compile().as_text()
+        calls = [line for line in hlo.splitlines() if "xla_ffi_python_cpu_callback" in line]
+        shapes = {shape for line in calls for shape in re.findall(r"\[(\d+),(\d+),(\d+),(\d+)\]", line)}
+        report[f"sharded-{mesh_name}-triton"] = {
+            "all_gather": "all-gather" in hlo,
+            "kernel_operand_shapes": [list(map(int, shape)) for shape in shapes]}
+    np.savez(os.path.join(out_dir, "arrays.npz"), **arrays)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    _run_child(sys.argv[1])

@@ -1,0 +1,362 @@
+"""Growth, pruning, block importance and optimizer-state surgery on a 4-block "tiny" SANA model."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sana_jax import surgery
+from sana_jax.model import forward, forward_with_hidden, init_params, preset
+from sana_jax.optim import came
+
+CONFIG = dataclasses.replace(preset("tiny"), depth=4)
+OUTPUTS = (("attn1", "to_out", "kernel"), ("attn1", "to_out", "bias"), ("attn2", "to_out", "kernel"),
+           ("attn2", "to_out", "bias"), ("ff", "conv_point", "kernel"))
+
+_forward = jax.jit(forward)
+_forward_with_hidden = jax.jit(forward_with_hidden)
+
+
+def _get(tree, names):
+    for name in names:
+        tree = tree[name]
+    return tree
+
+
+def _randomize(tree, seed, scale=0.05):
+    """Adds N(0, scale) to every leaf: no weight is zero (proj_out and attn2.to_out init to zero)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(x + scale * rng.standard_normal(x.shape).astype(x.dtype)), tree)
+
+
+def _block_leaves(params):
+    """{path names: np array (depth, ...)} of the stacked block weights."""
+    flat = jax.tree_util.tree_flatten_with_path(params["blocks"])[0]
+    return {tuple(str(k.key) for k in path): np.asarray(x) for path, x in flat}
+
+
+def _inputs(batch, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    latents = jax.random.normal(k1, (batch, 8, 8, CONFIG.in_channels))
+    timesteps = jnp.floor(jax.random.uniform(k2, (batch,), maxval=1000.0))
+    text = jax.random.normal(k3, (batch, 5, CONFIG.caption_channels))
+    mask = jnp.asarray([[1, 1, 1, 0, 0]] * batch, jnp.int32)
+    return latents, timesteps, text, mask
+
+
+@pytest.fixture(scope="module")
+def params():
+    params = _randomize(jax.jit(init_params)(CONFIG, jax.random.key(0)), 1)
+    assert all(np.all(np.asarray(x) != 0) for x in jax.tree.leaves(params))
+    return params
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return _inputs(2, jax.random.key(2))
+
+
+@pytest.fixture(scope="module")
+def grown(params):
+    return surgery.grow(params, CONFIG, target_depth=6, key=jax.random.key(3))
+
+
+# Growth.
+
+def test_partial_preservation_keeping_all_blocks_is_identity(params, inputs, grown):
+    config, new = grown
+    assert config == dataclasses.replace(CONFIG, depth=6)
+    before = np.asarray(_forward(params, CONFIG, *inputs))
+    after = np.asarray(_forward(new, config, *inputs))
+    assert before.std() > 0.1
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
+
+
+def test_partial_preservation_keeps_weights_and_draws_sana_init(params, grown):
+    _, new = grown
+    old, blocks = _block_leaves(params), _block_leaves(new)
+    for names, leaf in blocks.items():
+        np.testing.assert_array_equal(leaf[:4], old[names], err_msg=str(names))
+    for names in OUTPUTS:
+        np.testing.assert_array_equal(blocks[names][4:], 0.0, err_msg=str(names))
+    for names in [("attn1", "norm_q", "scale"), ("attn2", "norm_k", "scale")]:
+        np.testing.assert_array_equal(blocks[names][4:], 1.0)
+    for names in [("attn2", "to_q", "bias"), ("attn2", "to_v", "bias")]:
+        np.testing.assert_array_equal(blocks[names][4:], 0.0)
+    for names, std in [(("attn1", "to_q", "kernel"), 0.02), (("ff", "conv_inverted", "kernel"), 0.02),
+                       (("scale_shift_table",), 0.02), (("ff", "conv_depth", "kernel"), 0.2)]:
+        fresh = blocks[names][4:]
+        assert abs(fresh.std() / std - 1) < 0.15 and abs(fresh.mean()) < 0.2 * std, names
+        assert not np.array_equal(fresh[0], fresh[1]), names
+    for key in ("patch_embed", "time_embed", "caption_projection", "caption_norm", "proj_out"):
+        jax.tree.map(np.testing.assert_array_equal, new[key], params[key])
+
+
+def test_partial_preservation_keeping_a_prefix_equals_the_truncated_model(params, inputs):
+    config, new = surgery.grow(params, CONFIG, target_depth=6, keep=2, key=jax.random.key(4))
+    short_config, short = surgery.prune(params, CONFIG, range(2))
+    np.testing.assert_allclose(np.asarray(_forward(new, config, *inputs)),
+                               np.asarray(_forward(short, short_config, *inputs)), rtol=0, atol=1e-6)
+
+
+def test_zeroed_outputs_of_new_blocks_get_gradients(grown, inputs):
+    config, new = grown
+    target = jax.random.normal(jax.random.key(5), inputs[0].shape)
+    loss = lambda p: jnp.mean((forward(p, config, *inputs) - target) ** 2)
+    grads = _block_leaves(jax.jit(jax.grad(loss))(new))
+    for names in [("attn1", "to_out", "kernel"), ("attn2", "to_out", "kernel"),
+                  ("ff", "conv_point", "kernel")]:
+        per_block = np.abs(grads[names][4:]).reshape(2, -1).max(axis=1)
+        assert np.all(per_block > 1e-6), (names, per_block)
+
+
+@pytest.mark.parametrize("strategy, target_depth, keep, sources, copies", [
+    ("cyclic", 7, 3, [0, 1, 2, 0, 1, 2, 0], [3, 4, 5, 6]),
+    ("block_expand", 6, 2, [0, 0, 0, 1, 1, 1], [1, 2, 4, 5]),
+])
+@pytest.mark.parametrize("zero_copies", [False, True])
+def test_copy_strategies_order_blocks(params, strategy, target_depth, keep, sources, copies, zero_copies):
+    config, new = surgery.grow(params, CONFIG, target_depth=target_depth, strategy=strategy, keep=keep,
+                               zero_copies=zero_copies)
+    assert config.depth == target_depth
+    old, blocks = _block_leaves(params), _block_leaves(new)
+    for names, leaf in blocks.items():
+        assert leaf.shape == (target_depth, *old[names].shape[1:])
+        for i, source in enumerate(sources):
+            zeroed = zero_copies and i in copies and names in OUTPUTS
+            np.testing.assert_array_equal(leaf[i], 0.0 if zeroed else old[names][source],
+                                          err_msg=f"{names} block {i}")
+
+
+def test_block_expand_with_zeroed_copies_equals_the_truncated_model(params, inputs):
+    config, new = surgery.grow(params, CONFIG, target_depth=4, strategy="block_expand", keep=2,
+                               zero_copies=True)
+    short_config, short = surgery.prune(params, CONFIG, [0, 1])
+    np.testing.assert_allclose(np.asarray(_forward(new, config, *inputs)),
+                               np.asarray(_forward(short, short_config, *inputs)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_depth=3), "target_depth=3 is smaller than keep=4"),
+    (dict(target_depth=8, keep=5), r"keep=5 must be in \[1, depth=4\]"),
+    (dict(target_depth=8, strategy="copy"), "unknown growth strategy 'copy'"),
+    (dict(target_depth=7, strategy="block_expand"), "target_depth=7 to be a multiple of keep=4"),
+    (dict(target_depth=8, zero_copies=True), "zero_copies=True applies to"),
+    (dict(target_depth=8), "pass a PRNG key"),
+])
+def test_grow_rejects_bad_arguments(params, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        surgery.grow(params, CONFIG, **kwargs)
+
+
+# Pruning.
+
+def test_prune_keeping_every_block_is_a_no_op(params):
+    config, new = surgery.prune(params, CONFIG, range(4))
+    assert config == CONFIG
+    jax.tree.map(np.testing.assert_array_equal, new, params)
+
+
+def test_prune_equals_a_model_assembled_from_the_kept_blocks(params, inputs):
+    keep = [0, 2, 3]
+    config, new = surgery.prune(params, CONFIG, keep)
+    assembled = {**params, "blocks": jax.tree.map(lambda x: np.asarray(x)[keep], params["blocks"])}
+    reference_config = dataclasses.replace(CONFIG, depth=3)
+    np.testing.assert_array_equal(np.asarray(_forward(new, config, *inputs)),
+                                  np.asarray(_forward(assembled, reference_config, *inputs)))
+
+
+@pytest.mark.parametrize("keep, message", [
+    ([], "keep_blocks is empty"),
+    ([0, 2, 2], r"lists blocks \[2\] more than once"),
+    ([0, 4], r"keep_blocks \[4\] are outside \[0, depth=4\)"),
+    ([-1], r"keep_blocks \[-1\] are outside"),
+])
+def test_prune_rejects_bad_blocks(params, keep, message):
+    with pytest.raises(ValueError, match=message):
+        surgery.prune(params, CONFIG, keep)
+
+
+def test_most_important_blocks_keeps_model_order():
+    assert surgery.most_important_blocks([0.3, 0.01, 0.5, 0.2, 0.4], 3) == [0, 2, 4]
+    assert surgery.most_important_blocks([0.1, 0.1, 0.1], 2) == [0, 1]
+    with pytest.raises(ValueError, match=r"n=4 must be in \[1, depth=3\]"):
+        surgery.most_important_blocks([0.1, 0.2, 0.3], 4)
+
+
+# Block importance.
+
+def _batch(batch, seed):
+    latents, _, text, mask = _inputs(batch, jax.random.key(seed))
+    return {"latents": np.asarray(latents), "text": np.asarray(text), "text_mask": np.asarray(mask)}
+
+
+def _numpy_cosines(hidden):
+    h = np.asarray(hidden, np.float64)
+    cos = np.sum(h[:-1] * h[1:], -1) / (np.linalg.norm(h[:-1], axis=-1) * np.linalg.norm(h[1:], axis=-1))
+    return cos.reshape(cos.shape[0], -1)  # (depth, tokens)
+
+
+def test_block_importance_matches_numpy_on_the_hidden_states(params):
+    batches = [_batch(2, 10), _batch(1, 11)]
+    timesteps = [0, 600]
+    got = surgery.block_importance_per_timestep(params, CONFIG, batches, timesteps=timesteps, noise_seed=7,
+                                                progress=False)
+    expected = np.zeros((len(timesteps), CONFIG.depth))
+    for row, t in enumerate(timesteps):
+        cosines = []
+        for index, batch in enumerate(batches):
+            noise = jax.random.normal(jax.random.fold_in(jax.random.key(7), index), batch["latents"].shape)
+            noisy = (1 - t / 1000) * batch["latents"] + t / 1000 * np.asarray(noise)
+            _, hidden = _forward_with_hidden(params, CONFIG, jnp.asarray(noisy), jnp.full((len(noisy),), t),
+                                             batch["text"], batch["text_mask"])
+            cosines.append(_numpy_cosines(hidden))
+        expected[row] = 1 - np.concatenate(cosines, axis=1).mean(axis=1)
+    assert got.shape == (2, 4) and np.all(expected > 1e-3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    mean = surgery.block_importance(params, CONFIG, batches, timesteps=timesteps, noise_seed=7,
+                                    progress=False)
+    np.testing.assert_allclose(mean, expected.mean(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_identity_block_scores_zero_and_is_pruned_first(params):
+    blocks = jax.tree.map(lambda x: x, params["blocks"])  # a new tree: the fixture stays untouched
+    for names in OUTPUTS:
+        leaf = _get(blocks, names[:-1])
+        leaf[names[-1]] = leaf[names[-1]].at[1].set(0.0)
+    identity = {**params, "blocks": blocks}
+    importance = surgery.block_importance(identity, CONFIG, [_batch(2, 12), _batch(2, 13)],
+                                          timesteps=(200, 800), progress=False)
+    assert importance[1] < 1e-6 and np.all(np.delete(importance, 1) > 1e-3), importance
+    assert surgery.most_important_blocks(importance, 3) == [0, 2, 3]
+
+
+def test_block_importance_rejects_bad_input(params):
+    with pytest.raises(ValueError, match="batches is empty"):
+        surgery.block_importance(params, CONFIG, [], progress=False)
+    with pytest.raises(ValueError, match=r"timesteps=\[1200\]"):
+        surgery.block_importance(params, CONFIG, [_batch(1, 0)], timesteps=[1200], progress=False)
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 8, 8, 3\)"):
+        bad = {**_batch(1, 0), "latents": np.zeros((1, 8, 8, 3), np.float32)}
+        surgery.block_importance(params, CONFIG, [bad], progress=False)
+
+
+# Optimizer states.
+
+def _random_like(tree, seed):
+    return _randomize(jax.tree.map(np.zeros_like, tree), seed, scale=1.0)
+
+
+def _run(optimizer, params, grads_list):
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.jit(optimizer.init)(params)
+    for grads in grads_list:
+        params, state = step(params, state, grads)
+    return params, state
+
+
+def _select(tree, keep):
+    return {**tree, "blocks": jax.tree.map(lambda x: np.asarray(x)[keep], tree["blocks"])}
+
+
+@pytest.mark.parametrize("optimizer", [optax.adam(1e-2), came(1e-2)], ids=["adam", "came"])
+def test_pruned_optimizer_state_equals_the_pruned_models_state(params, optimizer):
+    keep = [1, 3]
+    grads = [_random_like(params, seed) for seed in (20, 21)]
+    full_params, full_state = _run(optimizer, params, grads)
+    pruned_state = surgery.restack(full_state, surgery.pruning_plan(4, keep))
+    ref_params, ref_state = _run(optimizer, _select(params, keep), [_select(g, keep) for g in grads])
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    jax.tree.map(close, pruned_state, ref_state)
+    _, pruned_params = surgery.prune(full_params, CONFIG, keep)
+    jax.tree.map(close, pruned_params, ref_params)
+
+
+def test_grown_came_state_continues_old_blocks_and_starts_new_ones_fresh(params, grown):
+    config, new = grown
+    optimizer = came(1e-2)
+    _, state = _run(optimizer, params, [_random_like(params, seed) for seed in (22, 23)])
+    grown_state = surgery.restack(state, surgery.growth_plan(4, target_depth=6))
+    grads = _random_like(new, 24)
+    update = jax.jit(optimizer.update)
+    updates, _ = update(grads, grown_state, new)
+    # Old blocks and the non-block weights continue the old state; new blocks step as from a fresh state.
+    old_updates, _ = update(_select(grads, slice(0, 4)), state, params)
+    fresh_grads = {"blocks": jax.tree.map(lambda x: x[4:], grads["blocks"])}
+    fresh_updates, _ = update(fresh_grads, jax.jit(optimizer.init)(fresh_grads), fresh_grads)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+    jax.tree.map(close, _select(updates, slice(0, 4)), old_updates)
+    jax.tree.map(close, {"blocks": jax.tree.map(lambda x: x[4:], updates["blocks"])}, fresh_updates)
+
+
+def test_zeroed_copies_start_with_zero_moments(params):
+    _, state = _run(optax.adam(1e-2), params, [_random_like(params, 25)])
+    plan = surgery.growth_plan(4, target_depth=6, strategy="cyclic", keep=3, zero_copies=True)
+    mu = _block_leaves(surgery.restack(state, plan)[0].mu)
+    old = _block_leaves(state[0].mu)
+    for names, leaf in mu.items():
+        expected = old[names][[0, 1, 2, 0, 1, 2]]
+        if names in OUTPUTS:
+            expected[3:] = 0.0
+        np.testing.assert_array_equal(leaf, expected, err_msg=str(names))
+
+
+# Sharding.
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import dataclasses
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    import optax
+    from sana_jax import surgery
+    from sana_jax.model import LOGICAL_AXIS_RULES, init_params, logical_axes, preset
+
+    assert jax.device_count() == 8
+    config = dataclasses.replace(preset("tiny"), depth=4)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    shardings = nn.logical_to_mesh_sharding(logical_axes(config), mesh, LOGICAL_AXIS_RULES)
+    params = jax.jit(init_params)(config, jax.random.key(0))
+    sharded = jax.device_put(params, shardings)
+    blocks_sharded = [not s.is_fully_replicated for s in jax.tree.leaves(shardings["blocks"])]
+    assert sum(blocks_sharded) >= 8, blocks_sharded
+
+    def check(out, reference, what):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+            expected = shardings
+            for entry in path:
+                expected = expected[entry.key]
+            assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (what, path, leaf.sharding)
+        jax.tree.map(np.testing.assert_array_equal, out, reference)
+
+    surgeries = {
+        "partial_preservation": lambda p: surgery.grow(p, config, target_depth=6, key=jax.random.key(1))[1],
+        "cyclic": lambda p: surgery.grow(p, config, target_depth=6, strategy="cyclic", zero_copies=True)[1],
+        "prune": lambda p: surgery.prune(p, config, [0, 3])[1],
+    }
+    for name, run in surgeries.items():
+        check(run(sharded), run(params), name)
+    plan = surgery.pruning_plan(4, [1, 2])
+    init = jax.jit(optax.adam(1e-3).init)
+    check(surgery.restack(init(sharded), plan)[0].mu, surgery.restack(init(params), plan)[0].mu, "adam state")
+    print("sharded surgery ok")
+""")
+
+
+def test_surgery_keeps_shardings_on_8_cpu_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "sharded surgery ok" in done.stdout

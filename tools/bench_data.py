@@ -1,0 +1,147 @@
+"""Measures the shapes checker against the renderer's ground truth, and the input pipelines' speed.
+
+  python tools/bench_data.py [--per_task 2000] [--size 32] [--skip_throughput]
+
+Prints three tables:
+  1. rendered samples: how often the checker accepts a sample's own prompt (ground truth: always)
+     and finds exactly the rendered objects (shape and colour multiset);
+  2. shuffled pairs (prompt of sample i, image of sample perm(i) for a fixed random permutation):
+     agreement with the ground truth computed from the rendered objects, and how many truly false
+     pairs are rejected;
+  3. degraded renders (Gaussian pixel noise, Gaussian blur): how often own prompts are still accepted,
+     a hint of how the checker treats imperfect generated images;
+  4. throughput of the on-the-fly shapes pipeline and of the cached ArrayRecord pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from sana_jax.data import checker, records, shapes
+from sana_jax.data.autoencoder import SpaceToDepthAE
+from sana_jax.data.pipeline import make_train_iterator
+from sana_jax.data.text_encoder import WordTextEncoder
+
+
+def checker_tables(per_task: int, size: int, seed: int) -> None:
+    samples = [shapes.make_sample(seed, i, size=size)
+               for i in tqdm(range(per_task * len(shapes.TASKS)), desc=f"render {size}px")]
+    accepted, exact = collections.Counter(), collections.Counter()
+    for s in tqdm(samples, desc="check own prompts"):
+        verdict = checker.check_detail(s.prompt, s.image)
+        accepted[s.spec.task] += verdict.ok
+        exact[s.spec.task] += (sorted((o.shape, o.color) for o in verdict.objects)
+                               == sorted((o.shape, o.color) for o in s.objects))
+    print(f"\nChecker on rendered samples ({size} px, {per_task} per task, seed {seed})")
+    print("| task | samples | accepted | objects found exactly |\n|---|---|---|---|")
+    for task in shapes.TASKS:
+        print(f"| {task} | {per_task} | {100 * accepted[task] / per_task:.2f}% | "
+              f"{100 * exact[task] / per_task:.2f}% |")
+    n = len(samples)
+    print(f"| all | {n} | {100 * sum(accepted.values()) / n:.2f}% | {100 * sum(exact.values()) / n:.2f}% |")
+
+    agree, false_pairs, rejected = collections.Counter(), collections.Counter(), collections.Counter()
+    partner = np.random.default_rng(seed).permutation(n)
+    for i, s in enumerate(tqdm(samples, desc="check shuffled pairs")):
+        other = samples[partner[i]]
+        truth, _ = shapes.satisfies(s.spec, other.objects)
+        said = checker.check(s.prompt, other.image)
+        agree[s.spec.task] += said == truth
+        false_pairs[s.spec.task] += not truth
+        rejected[s.spec.task] += not truth and not said
+    print("\nChecker on shuffled pairs (prompt of sample i, image of sample perm(i))")
+    print("| prompt task | pairs | truly false | rejected of those | agreement with truth |")
+    print("|---|---|---|---|---|")
+    for task in shapes.TASKS:
+        print(f"| {task} | {per_task} | {false_pairs[task]} | "
+              f"{100 * rejected[task] / max(false_pairs[task], 1):.2f}% | "
+              f"{100 * agree[task] / per_task:.2f}% |")
+    total_false = sum(false_pairs.values())
+    print(f"| all | {n} | {total_false} | {100 * sum(rejected.values()) / max(total_false, 1):.2f}% | "
+          f"{100 * sum(agree.values()) / n:.2f}% |")
+
+
+DEGRADATIONS = ((4.0, 0.0), (12.0, 0.0), (0.0, 0.5), (0.0, 0.8), (6.0, 0.6))  # (noise std, blur sigma)
+
+
+def degraded_table(per_task: int, size: int, seed: int) -> None:
+    samples = [shapes.make_sample(seed, i, size=size) for i in range(per_task * len(shapes.TASKS))]
+    rng = np.random.default_rng(seed)
+    print(f"\nChecker on degraded renders ({size} px, {per_task} per task): own prompts accepted")
+    print("| noise std (of 255) | blur sigma (px) | " + " | ".join(shapes.TASKS) + " | all |")
+    print("|---" * (len(shapes.TASKS) + 3) + "|")
+    for noise, blur in tqdm(DEGRADATIONS, desc="degraded"):
+        accepted = collections.Counter()
+        for s in samples:
+            image = ndimage.gaussian_filter(s.image.astype(np.float64), (blur, blur, 0))
+            image = np.clip(np.rint(image + rng.normal(0.0, noise, image.shape)), 0, 255).astype(np.uint8)
+            accepted[s.spec.task] += checker.check(s.prompt, image)
+        cells = [f"{100 * accepted[t] / per_task:.1f}%" for t in shapes.TASKS]
+        total = 100 * sum(accepted.values()) / len(samples)
+        print(f"| {noise:g} | {blur:g} | " + " | ".join(cells) + f" | {total:.1f}% |")
+
+
+def _samples_per_second(iterator, batch_size: int, batches: int) -> float:
+    next(iterator)  # warm up: threads started, first batches read
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def throughput_table(batch_size: int, batches: int) -> None:
+    print(f"\nPipeline throughput (batch {batch_size}, {batches} batches after one warm-up batch)")
+    print("| source | image | read threads | samples/s |\n|---|---|---|---|")
+    for size in (32, 64):
+        for threads in (1, 2):
+            iterator = make_train_iterator({"resolution": size, "num_threads": threads}, seed=0,
+                                           batch_size=batch_size, process_index=0, process_count=1)
+            rate = _samples_per_second(iterator, batch_size, batches)
+            print(f"| shapes, on the fly | {size} px | {threads} | {rate:.0f} |")
+    with tempfile.TemporaryDirectory() as data_dir:
+        ae, encoder = SpaceToDepthAE(), WordTextEncoder()
+        count = batch_size * (batches + 2)
+        samples = [shapes.make_sample(0, i) for i in tqdm(range(count), desc="cache records")]
+        latents = ae.encode(np.stack([s.image for s in samples]))
+        text, mask = encoder.encode_text([s.prompt for s in samples])
+        records.write_shard(f"{data_dir}/{records.shard_name(0)}",
+                            [records.encode_record(*row) for row in zip(latents, text, mask,
+                                                                         [s.prompt for s in samples],
+                                                                         strict=True)])
+        records.write_null_caption(data_dir, *(a[0] for a in encoder.encode_text([""])))
+        for threads in (1, 2):
+            config = {"source": "array_record", "data_dir": data_dir, "num_threads": threads}
+            iterator = make_train_iterator(config, seed=0, batch_size=batch_size, process_index=0,
+                                           process_count=1)
+            rate = _samples_per_second(iterator, batch_size, batches)
+            print(f"| array_record, cached | 32 px | {threads} | {rate:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per_task", type=int, default=2000, help="rendered samples per task")
+    parser.add_argument("--size", type=int, default=32, help="image side of the checked samples")
+    parser.add_argument("--seed", type=int, default=1, help="shapes domain seed of the checked samples")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
+    parser.add_argument("--degraded_per_task", type=int, default=300, help="samples per task, degraded")
+    parser.add_argument("--skip_checker", action="store_true")
+    parser.add_argument("--skip_throughput", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_checker:
+        checker_tables(args.per_task, args.size, args.seed)
+        degraded_table(args.degraded_per_task, args.size, args.seed)
+    if not args.skip_throughput:
+        throughput_table(args.batch_size, args.batches)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,510 @@
+"""One-call GPU benchmark of the linear-attention kernels and the SANA 1.5 1.6B model.
+
+Sections, in order; every measurement is guarded (a failure is recorded and the rest runs) and is
+skipped once the time budget would be overrun:
+
+  environment  devices, versions, and the bandwidth of a large device-to-device copy.
+  check        Triton kernels vs the float32 reference on fresh random inputs: forward and gradients,
+               fused and split launches and the custom_vjp, d = 32, 64, 128, fp32 and bf16. A NaN fails.
+  kernels      linear attention alone at SANA shapes (B=16, H=70, d=32, bf16, N=1024 and 4096):
+               forward and forward+backward of XLA autodiff, XLA with the closed-form backward, and
+               Triton, with the HBM bandwidth each achieves (bytes it must move / time).
+  model        sana1.5_1600m forward (batch 2 and 16; 32x32 latent, 300 text tokens, bf16 compute) and
+               a training step (batch 8, forward + backward of the flow-matching MSE, no optimizer),
+               attention_impl "xla" vs "triton".
+  diffusers    SanaTransformer2DModel (bf16, same random weights and inputs), eager and torch.compile.
+  sweep        kernel launch configs around the autotune table's choice at the SANA shapes.
+
+Prints one table last and writes JSON to --out (default $OUT/bench_gpu.json), rewritten after every
+section. --dry-run runs the same harness on tiny shapes and the "tiny" preset (CPU is enough).
+
+  python tools/bench_gpu.py --budget-s 540
+  python tools/bench_gpu.py --dry-run --out /tmp/bench_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SECTIONS = ("environment", "check", "kernels", "model", "diffusers", "sweep")
+PACKAGES = ("jax", "jaxlib", "jax-triton", "triton", "torch", "diffusers", "numpy")
+# Nominal HBM bandwidth by device-kind substring, bytes/s.
+NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+EPS = 1e-15
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Problem sizes: FULL is the benchmark, TINY the --dry-run harness check."""
+
+    attention_batch: int
+    attention_heads: int
+    attention_tokens: tuple[int, ...]
+    check_head_dims: tuple[int, ...]
+    check_tokens: tuple[int, ...]
+    preset: str
+    latent: int
+    text_tokens: int
+    forward_batches: tuple[int, ...]
+    train_batch: int
+    copy_bytes: int
+
+
+FULL = Shapes(attention_batch=16, attention_heads=70, attention_tokens=(1024, 4096),
+              check_head_dims=(32, 64, 128), check_tokens=(1, 37, 1000), preset="sana1.5_1600m", latent=32,
+              text_tokens=300, forward_batches=(2, 16), train_batch=8, copy_bytes=2**30)
+TINY = Shapes(attention_batch=2, attention_heads=2, attention_tokens=(37,), check_head_dims=(32,),
+              check_tokens=(37,), preset="tiny", latent=8, text_tokens=12, forward_batches=(2,),
+              train_batch=2, copy_bytes=2**20)
+Timer = Callable[[Callable[[], Any], Callable[[Any], Any]], float]
+
+
+class Budget:
+    """The wall-clock budget all sections share."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def require(self, seconds: float, what: str) -> None:
+        """Raises TimeoutError unless ~`seconds` (a guess at `what`'s cost) are left."""
+        if self.left() < seconds:
+            raise TimeoutError(f"{what}: {self.left():.0f} s of the budget left, needs ~{seconds:.0f} s")
+
+
+def guarded(results: dict, key: str, fn: Callable[[], Any]) -> None:
+    """results[key] = fn(), or what stopped it; never raises."""
+    try:
+        results[key] = fn()
+    except TimeoutError as e:
+        results[key] = {"skipped": str(e)}
+    except Exception as e:  # noqa: BLE001 - one failure must not lose the other measurements
+        results[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+
+
+def time_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], *, repeats: int, inner: int,
+            warmup: int) -> float:
+    """Median over `repeats` samples of the mean time of `inner` back-to-back calls, in ms.
+
+    `warmup` untimed calls first (compilation, autotuning); `sync` waits for a result to be ready.
+    """
+    for _ in range(warmup):
+        sync(fn())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn()
+        sync(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return 1e3 * float(np.median(samples))
+
+
+def relative_error(actual: jax.Array, expected: jax.Array, floor: float = 0.0) -> float:
+    """||actual - expected|| / max(||expected||, floor) in float64; NaN when actual is not finite."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+    if not np.all(np.isfinite(actual)):
+        return math.nan
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), floor, 1e-30))
+
+
+def random_arrays(key: jax.Array, shape: tuple[int, ...], dtype, count: int = 4) -> list[jax.Array]:
+    """`count` standard-normal arrays, cast to dtype."""
+    return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in jax.random.split(key, count)]
+
+
+def triton_unavailable() -> str | None:
+    """Why the Triton kernels cannot run here (bf16, d=32), or None."""
+    from sana_jax.kernels import triton_unsupported
+
+    return triton_unsupported(jnp.zeros((1, 1, 1, 32), jnp.bfloat16))
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def environment(out: dict, shapes: Shapes, timer: Timer) -> None:
+    device = jax.devices()[0]
+    out.update(backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
+               triton_unavailable=triton_unavailable())
+    out["versions"] = {}
+    for name in PACKAGES:
+        try:
+            out["versions"][name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out["versions"][name] = None
+    nominal = next((bw for kind, bw in NOMINAL_BANDWIDTH.items() if kind in device.device_kind), None)
+    out["nominal_bandwidth_tb_s"] = nominal * 1e-12 if nominal else None
+    x = jnp.ones((shapes.copy_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda x: x + 1)
+    ms = timer(lambda: copy(x), jax.block_until_ready)
+    out["copy_bandwidth_tb_s"] = 2 * shapes.copy_bytes / ms * 1e-9  # read + write
+
+
+def check(out: dict, shapes: Shapes, budget: Budget, seed: int) -> None:
+    """Relative errors of every path against the float32 (HIGHEST precision) reference.
+
+    Gradient errors are relative to max(||expected||, ||dout||): with one token the output is v
+    whatever q and k are, so dq and dk are zero up to rounding.
+    """
+    from sana_jax.kernels import linear_attention, linear_attention_xla
+    from sana_jax.kernels import triton_linear_attention as kernels
+
+    reason = triton_unavailable()
+    tolerance = {"float32": 1e-4, "bfloat16": 2e-2}
+    out.update(seed=seed, triton_unavailable=reason, tolerance=tolerance, cases={})
+
+    @jax.jit
+    def reference(q, k, v, dout):
+        q, k, v, dout = (x.astype(jnp.float32) for x in (q, k, v, dout))
+        with jax.default_matmul_precision("highest"):
+            result, vjp = jax.vjp(lambda *x: linear_attention_xla(*x, EPS), q, k, v)
+            return result, vjp(dout)
+
+    def through_custom_vjp(impl):
+        def run(q, k, v, dout):
+            result, vjp = jax.vjp(lambda *x: linear_attention(*x, eps=EPS, impl=impl), q, k, v)
+            return result, vjp(dout)
+        return jax.jit(run)
+
+    def through_launchers(config):
+        def run(q, k, v, dout):
+            result, state, key_sum = kernels.forward(q, k, v, EPS, config)
+            return result, kernels.backward(q, k, v, state, key_sum, dout, EPS, config)
+        return jax.jit(run)
+
+    def case(run, inputs, expected, dtype):
+        result, grads = run(*inputs)
+        floor = float(jnp.linalg.norm(inputs[3].astype(jnp.float32)))
+        errors = {"out": relative_error(result, expected[0])}
+        errors.update({n: relative_error(g, e, floor)
+                       for n, g, e in zip(("dq", "dk", "dv"), grads, expected[1], strict=True)})
+        return {**errors, "pass": all(e < tolerance[dtype] for e in errors.values())}  # NaN fails
+
+    for head_dim in shapes.check_head_dims:
+        runs = {"xla_custom_vjp": through_custom_vjp("xla")}
+        if reason is None:
+            block_n = kernels.TILE_TABLE[head_dim][0]
+            runs["triton_custom_vjp"] = through_custom_vjp("triton")
+            runs["triton_fused"] = through_launchers(kernels.LaunchConfig(block_n, 1, 4, 2))
+            runs["triton_split3"] = through_launchers(kernels.LaunchConfig(block_n, 3, 4, 2))
+        for dtype in ("float32", "bfloat16"):
+            for tokens in shapes.check_tokens:
+                key = jax.random.fold_in(jax.random.key(seed), tokens * 1000 + head_dim)
+                inputs = random_arrays(key, (2, tokens, 3, head_dim), jnp.dtype(dtype))
+                expected = reference(*inputs)
+                for name, run in runs.items():
+                    budget.require(5, "the remaining checks")
+                    guarded(out["cases"], f"{name}/d{head_dim}/{dtype}/n{tokens}",
+                            lambda r=run, i=inputs, e=expected, d=dtype: case(r, i, e, d))
+    out["all_pass"] = all(c.get("pass", False) for c in out["cases"].values())
+
+
+def attention(out: dict, shapes: Shapes, budget: Budget, timer: Timer, environment: dict) -> None:
+    """Forward and forward+backward times and achieved bandwidth of the linear-attention paths."""
+    from sana_jax.kernels import linear_attention, linear_attention_xla
+
+    out["triton_unavailable"] = reason = triton_unavailable()
+    impls = {"xla": lambda *x: linear_attention_xla(*x, EPS),
+             "xla_custom_vjp": lambda *x: linear_attention(*x, eps=EPS, impl="xla")}
+    if reason is None:
+        impls["triton"] = lambda *x: linear_attention(*x, eps=EPS, impl="triton")
+    copy_tb_s = environment.get("copy_bandwidth_tb_s")
+    nominal_tb_s = environment.get("nominal_bandwidth_tb_s")
+
+    def measure(call, args, moved):
+        ms = timer(lambda: call(*args), jax.block_until_ready)
+        tb_s = moved / ms * 1e-9
+        return {"us": 1e3 * ms, "bytes": moved, "tb_s": tb_s,
+                "of_copy": tb_s / copy_tb_s if copy_tb_s else None,
+                "of_nominal": tb_s / nominal_tb_s if nominal_tb_s else None}
+
+    for tokens in shapes.attention_tokens:
+        shape = (shapes.attention_batch, tokens, shapes.attention_heads, 32)
+        q, k, v, dout = random_arrays(jax.random.key(tokens), shape, jnp.bfloat16)
+        # Bytes each direction must move: read q, k, v and write out; then read q, k, v, dout and
+        # write dq, dk, dv.
+        size = math.prod(shape) * 2
+        for name, fn in impls.items():
+            forward = jax.jit(fn)
+            forward_backward = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(fn, q, k, v)[1](g))
+            for direction, call, args, moved in (("forward", forward, (q, k, v), 4 * size),
+                                                 ("forward+backward", forward_backward, (q, k, v, dout),
+                                                  11 * size)):
+                budget.require(10, f"{name} {direction} at N={tokens}")
+                guarded(out, f"{name}/{direction}/n{tokens}",
+                        lambda c=call, a=args, m=moved: measure(c, a, m))
+
+
+def _model_inputs(config, batch: int, shapes: Shapes) -> tuple[np.ndarray, ...]:
+    """Latents (B, h, w, C), timesteps (B,), text (B, L, C_text), mask (B, L): the same for JAX and torch."""
+    rng = np.random.default_rng(batch)
+    latents = rng.standard_normal((batch, shapes.latent, shapes.latent, config.in_channels), np.float32)
+    timesteps = np.floor(rng.uniform(0, 1000, batch)).astype(np.float32)
+    text = rng.standard_normal((batch, shapes.text_tokens, config.caption_channels), np.float32)
+    return latents, timesteps, text, np.ones((batch, shapes.text_tokens), np.int32)
+
+
+def _model_config(shapes: Shapes):
+    from sana_jax.model import preset
+
+    return dataclasses.replace(preset(shapes.preset), sample_size=shapes.latent, compute_dtype="bfloat16")
+
+
+def model(out: dict, shapes: Shapes, budget: Budget, timer: Timer) -> None:
+    """sana_jax.model forward and training-step times, attention_impl "xla" vs "triton"."""
+    from sana_jax.model import forward, init_params
+    from sana_jax.trainer.flow_matching import flow_matching_loss
+
+    base = _model_config(shapes)
+    out["config"] = dataclasses.asdict(base)
+    out["triton_unavailable"] = reason = triton_unavailable()
+    params = jax.jit(init_params, static_argnums=0)(base, jax.random.key(0))
+    run_forward = jax.jit(forward, static_argnums=1)
+
+    def time_forward(config, batch):
+        inputs = [jnp.asarray(x) for x in _model_inputs(config, batch, shapes)]
+        ms = timer(lambda: run_forward(params, config, *inputs), jax.block_until_ready)
+        return {"ms": ms, "images_per_s": batch / ms * 1e3}
+
+    def time_train_step(config):
+        latents, _, text, mask = (jnp.asarray(x) for x in _model_inputs(config, shapes.train_batch, shapes))
+        batch = {"latents": latents, "text": text, "text_mask": mask}
+        step = jax.jit(jax.value_and_grad(lambda p, b, key: flow_matching_loss(p, config, b, key, shift=3.0)))
+        ms = timer(lambda: step(params, batch, jax.random.key(1)), jax.block_until_ready)
+        return {"ms": ms, "images_per_s": shapes.train_batch / ms * 1e3}
+
+    for impl in ("xla", "triton") if reason is None else ("xla",):
+        config = dataclasses.replace(base, attention_impl=impl)
+        for batch in shapes.forward_batches:
+            budget.require(60, f"the {impl} forward at batch {batch}")
+            guarded(out, f"{impl}/forward/b{batch}", lambda c=config, b=batch: time_forward(c, b))
+        budget.require(90, f"the {impl} training step")
+        guarded(out, f"{impl}/train_step/b{shapes.train_batch}", lambda c=config: time_train_step(c))
+
+
+def diffusers_model(out: dict, shapes: Shapes, budget: Budget, timer: Timer, compile_: bool) -> None:
+    """diffusers SanaTransformer2DModel in bf16 on the model section's weights and inputs."""
+    import torch
+    from diffusers import SanaTransformer2DModel
+
+    from sana_jax.convert import config_to_diffusers, params_to_state_dict
+    from sana_jax.model import init_params
+
+    config = _model_config(shapes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out["device"] = device
+    state = params_to_state_dict(jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)), config)
+    with torch.device(device):
+        net = SanaTransformer2DModel.from_config(config_to_diffusers(config))
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    del state
+    net = net.to(torch.bfloat16)
+
+    def sync(result):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return result
+
+    def inputs(batch):
+        latents, timesteps, text, mask = _model_inputs(config, batch, shapes)
+        return (torch.from_numpy(latents).permute(0, 3, 1, 2).to(device, torch.bfloat16),
+                torch.from_numpy(text).to(device, torch.bfloat16), torch.from_numpy(timesteps).to(device),
+                torch.from_numpy(mask).to(device))
+
+    def time_forward(module, batch):
+        latents, text, timesteps, mask = inputs(batch)
+
+        @torch.no_grad()
+        def run():
+            return module(latents, text, timesteps, encoder_attention_mask=mask, return_dict=False)[0]
+
+        ms = timer(run, sync)
+        return {"ms": ms, "images_per_s": batch / ms * 1e3}
+
+    def time_train_step(module):
+        latents, text, timesteps, mask = inputs(shapes.train_batch)
+        noise = torch.randn_like(latents)
+        sigmas = (timesteps / 1000).view(-1, 1, 1, 1).to(latents.dtype)
+
+        def run():
+            x_t = (1 - sigmas) * latents + sigmas * noise
+            velocity = module(x_t, text, timesteps, encoder_attention_mask=mask, return_dict=False)[0]
+            loss = torch.mean(torch.square(velocity.float() - (noise - latents).float()))
+            loss.backward()
+            return loss
+
+        ms = timer(run, sync)
+        net.zero_grad(set_to_none=True)
+        return {"ms": ms, "images_per_s": shapes.train_batch / ms * 1e3}
+
+    variants = {"eager": net, "compile": torch.compile(net)} if compile_ else {"eager": net}
+    for name, module in variants.items():
+        for batch in shapes.forward_batches:
+            budget.require(120 if name == "compile" else 20, f"diffusers {name} forward at batch {batch}")
+            guarded(out, f"{name}/forward/b{batch}", lambda m=module, b=batch: time_forward(m, b))
+        budget.require(180 if name == "compile" else 30, f"diffusers {name} training step")
+        guarded(out, f"{name}/train_step/b{shapes.train_batch}", lambda m=module: time_train_step(m))
+
+
+def sweep(out: dict, shapes: Shapes, budget: Budget, timer: Timer) -> None:
+    """Launcher times for launch configs one step from the table's, per SANA shape and direction."""
+    from sana_jax.kernels import triton_linear_attention as kernels
+
+    reason = triton_unavailable()
+    if reason is not None:
+        raise TimeoutError(f"Triton unavailable: {reason}")
+
+    def time_us(call, args):
+        return 1e3 * timer(lambda: call(*args), jax.block_until_ready)
+
+    def variants(table):
+        one = functools.partial(dataclasses.replace, table)
+        return {"table": table, "block32": one(block_n=32), "block128": one(block_n=128),
+                "warps2": one(num_warps=2), "warps8": one(num_warps=8), "stages3": one(num_stages=3),
+                "ieee": one(precision="ieee"), "tf32": one(precision="tf32"),
+                "splits1" if table.splits > 1 else "splits2": one(splits=1 if table.splits > 1 else 2)}
+
+    for tokens in shapes.attention_tokens:
+        shape = (shapes.attention_batch, tokens, shapes.attention_heads, 32)
+        q, k, v, dout = random_arrays(jax.random.key(tokens), shape, jnp.bfloat16)
+        table = kernels.launch_config(shape[0] * shape[2], tokens, 32)
+        _, state, key_sum = jax.jit(functools.partial(kernels.forward, eps=EPS, config=table))(q, k, v)
+        forward_args, backward_args = (q, k, v), (q, k, v, state, key_sum, dout)
+        best = {}
+        for name, config in variants(table).items():
+            budget.require(15, f"sweep {name} at N={tokens}")
+            entry = out[f"n{tokens}/{name}"] = {"config": dataclasses.asdict(config)}
+            forward = jax.jit(functools.partial(kernels.forward, eps=EPS, config=config))
+            backward = jax.jit(functools.partial(kernels.backward, eps=EPS, config=config))
+            guarded(entry, "forward_us", lambda f=forward, a=forward_args: time_us(f, a))
+            guarded(entry, "backward_us", lambda b=backward, a=backward_args: time_us(b, a))
+            for direction in ("forward_us", "backward_us"):
+                us = entry[direction]
+                if isinstance(us, float) and us < best.get(direction, (math.inf, ""))[0]:
+                    best[direction] = (us, name)
+        out[f"n{tokens}/best"] = {direction: name for direction, (_, name) in best.items()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(results: dict) -> str:
+    """The results as aligned lines: section, name, value."""
+    rows = []
+    env = results.get("environment", {})
+    if "device_kind" in env:
+        rows.append(("environment", "device", f"{env['device_kind']} ({env['backend']})"))
+        rows.append(("environment", "triton", env.get("triton_unavailable") or "available"))
+    if "copy_bandwidth_tb_s" in env:
+        rows.append(("environment", "copy bandwidth", f"{env['copy_bandwidth_tb_s']:.2f} TB/s"))
+    cases = results.get("check", {}).get("cases", {})
+    if cases:
+        failed = [name for name, c in cases.items() if not c.get("pass")]
+        verdict = f"FAILED: {', '.join(failed)}" if failed else "all pass"
+        rows.append(("check", f"{len(cases)} cases", verdict))
+    for section, unit in (("kernels", "us"), ("model", "ms"), ("diffusers", "ms"), ("sweep", "us")):
+        for name, r in results.get(section, {}).items():
+            if not isinstance(r, dict):
+                continue
+            if unit in r:
+                share = f"  {r['tb_s']:.2f} TB/s, {r['of_copy']:.0%} of the copy" if r.get("of_copy") else ""
+                rows.append((section, name, f"{r[unit]:10.2f} {unit}{share}"))
+            elif "forward_us" in r:
+                times = [f"{d} {r[f'{d}_us']:.1f} us" for d in ("forward", "backward")
+                         if isinstance(r.get(f"{d}_us"), float)]
+                rows.append((section, name, ", ".join(times) or "failed"))
+            elif "error" in r or "skipped" in r:
+                rows.append((section, name, (r.get("error") or r["skipped"]).splitlines()[0][:120]))
+    width = max((len(f"{s}  {n}") for s, n, _ in rows), default=0)
+    return "\n".join(f"{f'{s}  {n}':<{width}}  {value}" for s, n, value in rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: $OUT/bench_gpu.json, else ./bench_gpu.json)")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="wall-clock seconds for the run; measurements that would overrun are skipped")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed samples per measurement (default 10, each the mean of 5 calls)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the check inputs (default: from the clock)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip torch.compile in the diffusers section")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes, the 'tiny' preset, no torch.compile: checks the harness (CPU too)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; expected a subset of {SECTIONS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        if not os.environ.get(name):
+            os.environ[name] = tempfile.mkdtemp(prefix=f"{name.lower()}_")
+    # Read when jax first touches the GPU (not at import): leave memory to torch's diffusers section.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    path = args.out or os.path.join(os.environ.get("OUT", "."), "bench_gpu.json")
+    shapes = TINY if args.dry_run else FULL
+    if args.dry_run:
+        timer = functools.partial(time_ms, repeats=args.repeats or 1, inner=1, warmup=1)
+    else:
+        timer = functools.partial(time_ms, repeats=args.repeats or 10, inner=5, warmup=2)
+    seed = args.seed if args.seed is not None else time.time_ns() % 2**31
+    budget = Budget(args.budget_s)
+    results: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": args.budget_s}
+    runs = {
+        "environment": lambda out: environment(out, shapes, timer),
+        "check": lambda out: check(out, shapes, budget, seed),
+        "kernels": lambda out: attention(out, shapes, budget, timer, results.get("environment", {})),
+        "model": lambda out: model(out, shapes, budget, timer),
+        "diffusers": lambda out: diffusers_model(out, shapes, budget, timer,
+                                                 compile_=not (args.no_compile or args.dry_run)),
+        "sweep": lambda out: sweep(out, shapes, budget, timer),
+    }
+    for section in SECTIONS:
+        if section not in args.sections.split(","):
+            continue
+        print(f"[bench_gpu] {section}: {budget.left():.0f} s of the budget left", flush=True)
+        start = time.monotonic()
+        out = results[section] = {}
+        guarded(out, "stopped", lambda r=runs[section], o=out: r(o))
+        if out.get("stopped") is None:  # ran to the end
+            del out["stopped"]
+        out["wall_s"] = time.monotonic() - start
+        jax.clear_caches()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    print(table(results))
+    print(f"[bench_gpu] wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

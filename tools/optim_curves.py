@@ -1,0 +1,160 @@
+"""Training curves of CAME, CAME-8bit schemes and AdamW on a small SANA DiT with a flow-matching loss.
+
+Fixed random data (smooth latents, random caption features), identical batches, noise and timesteps for
+every optimizer. Prints the final losses and, for each 8-bit scheme, the bytes per element and the error
+of the first moment of the float32 CAME run after training when stored in that scheme; plots the curves.
+
+  python tools/optim_curves.py --preset=small --depth=2 --steps=200 --out=docs/optim_curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from sana_jax.model import preset
+from sana_jax.model.transformer import forward, init_params
+from sana_jax.optim import SANA_SCHEME, Scheme, came, sana_factoring, state_bytes
+from sana_jax.optim.came import SANA_MIN_8BIT_SIZE
+from sana_jax.optim.quantize import dequantize_blockwise, quantize_blockwise
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SCHEMES = {
+    "sana-minmax-2048cols": SANA_SCHEME,
+    "dynamic-row": Scheme("dynamic", block_size=1 << 30),
+    "dynamic-256": Scheme("dynamic", block_size=256),
+    "dynamic-64": Scheme("dynamic", block_size=64),
+    "linear-256": Scheme("linear", block_size=256),
+    "linear-row": Scheme("linear", block_size=1 << 30),
+}
+
+
+def make_data(config, key, num_samples: int, size: int, text_len: int):
+    """Smooth latents (bilinear upsampling of 4x4 noise) and random caption features."""
+    k_latent, k_text = jax.random.split(key)
+    coarse = jax.random.normal(k_latent, (num_samples, 4, 4, config.in_channels))
+    latents = jax.image.resize(coarse, (num_samples, size, size, config.in_channels), "bilinear")
+    text = jax.random.normal(k_text, (num_samples, text_len, config.caption_channels))
+    return latents, text
+
+
+def flow_matching_loss(params, config, x0, text, noise, sigma):
+    """MSE between the predicted velocity at x_t = (1 - s) x0 + s n and the target n - x0."""
+    s = sigma[:, None, None, None]
+    x_t = (1 - s) * x0 + s * noise
+    timesteps = jnp.floor(sigma * 1000)
+    mask = jnp.ones(text.shape[:2], jnp.int32)
+    velocity = forward(params, config, x_t, timesteps, text, mask)
+    return jnp.mean((velocity - (noise - x0)) ** 2)
+
+
+def train(tx, params, config, data, batch_size: int, steps: int, seed: int):
+    """Per-step losses (np.ndarray (steps,)), final params and optimizer state."""
+    latents, text = data
+    step_fn = jax.jit(lambda p, st, key: _step(tx, p, st, key, config, latents, text, batch_size))
+    state = tx.init(params)
+    losses = []
+    keys = jax.random.split(jax.random.key(seed), steps)
+    for key in tqdm(keys, desc="steps", leave=False):
+        params, state, loss = step_fn(params, state, key)
+        losses.append(float(loss))
+    return np.asarray(losses), params, state
+
+
+def _step(tx, params, state, key, config, latents, text, batch_size):
+    k_index, k_noise, k_sigma = jax.random.split(key, 3)
+    index = jax.random.choice(k_index, latents.shape[0], (batch_size,), replace=False)
+    x0 = latents[index]
+    noise = jax.random.normal(k_noise, x0.shape)
+    sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (batch_size,)))  # logit-normal
+    loss, grads = jax.value_and_grad(flow_matching_loss)(params, config, x0, text[index], noise, sigma)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+
+def moment_errors(mu, min_size: int) -> dict[str, tuple[float, float]]:
+    """(relative RMS error, bytes per element) of the float32 first moments above `min_size` per layer
+    (stacked leaves per layer) when stored in each 8-bit scheme."""
+    big = []
+    for path, m in jax.tree_util.tree_leaves_with_path(mu):
+        factoring = sana_factoring(path, m.shape)
+        if factoring.axes is not None and factoring.layer_size(m.shape) > min_size:
+            big.append(m)
+    out = {}
+    for name, scheme in SCHEMES.items():
+        error = total = stored = 0.0
+        for m in big:
+            q = quantize_blockwise(m, scheme)
+            error += float(jnp.sum((dequantize_blockwise(q, scheme) - m) ** 2))
+            total += float(jnp.sum(m**2))
+            stored += state_bytes(q)
+        out[name] = (float(np.sqrt(error / total)), stored / sum(m.size for m in big))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--depth", type=int, default=2, help="blocks (default 2 keeps a CPU run short)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=8, help="latent height = width")
+    parser.add_argument("--text_len", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=64, help="size of the fixed dataset")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_schemes", default="sana-minmax-2048cols,dynamic-row,dynamic-256,linear-256",
+                        help=f"comma-separated 8-bit schemes to train with, from {list(SCHEMES)}")
+    parser.add_argument("--out", default="docs/optim_curves.png")
+    args = parser.parse_args()
+
+    config = dataclasses.replace(preset(args.preset), depth=args.depth)
+    k_params, k_data = jax.random.split(jax.random.key(args.seed))
+    params = init_params(config, k_params)
+    data = make_data(config, k_data, args.samples, args.size, args.text_len)
+    optimizers = {"AdamW": optax.adamw(args.lr, weight_decay=0.0), "CAME fp32": came(args.lr)}
+    optimizers |= {f"CAME-8bit {name}": came(args.lr, eight_bit=True, scheme=SCHEMES[name])
+                   for name in args.train_schemes.split(",")}
+
+    curves, fp32_state = {}, None
+    for name, tx in optimizers.items():
+        start = time.perf_counter()
+        curves[name], _, state = train(tx, params, config, data, args.batch, args.steps, args.seed + 1)
+        if name == "CAME fp32":
+            fp32_state = state
+        print(f"{name:32s} final loss (mean of last 20 steps) {curves[name][-20:].mean():.5f}   "
+              f"bytes/param {state_bytes(state) / sum(p.size for p in jax.tree.leaves(params)):.3f}   "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+
+    print(f"\nFirst moment of the float32 CAME run after {args.steps} steps, stored in 8 bits "
+          f"(layers above {SANA_MIN_8BIT_SIZE} elements):")
+    for name, (error, per_element) in moment_errors(fp32_state[0].mu, SANA_MIN_8BIT_SIZE).items():
+        print(f"  {name:28s} relative RMS error {error:.4f}   bytes/element {per_element:.4f}")
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    smooth = lambda x: np.convolve(x, np.ones(10) / 10, mode="valid")
+    for name, losses in curves.items():
+        ax.plot(np.arange(len(smooth(losses))) + 10, smooth(losses), label=name,
+                linestyle="--" if name == "AdamW" else "-")
+    ax.set(xlabel="step", ylabel="flow-matching loss (10-step mean)", yscale="log",
+           title=f"{args.preset} DiT, depth {args.depth}, {args.size}x{args.size} latents, "
+                 f"batch {args.batch}, lr {args.lr:g}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
