@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -37,7 +38,7 @@ def _fold_vmap(op: Callable[..., tuple[jax.Array, ...]]) -> Callable[..., tuple[
 
     @folded.def_vmap
     def _rule(axis_size, in_batched, *args):
-        args = [x if batched else jax.numpy.broadcast_to(x, (axis_size, *x.shape))
+        args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
                 for x, batched in zip(args, in_batched, strict=True)]
         outs = folded(*(x.reshape(-1, *x.shape[2:]) for x in args))
         return tuple(y.reshape(axis_size, -1, *y.shape[1:]) for y in outs), (True,) * len(outs)

@@ -248,9 +248,15 @@ class LaunchConfig:
     num_stages: int
     precision: str = "tf32x3"
 
-    def split_tokens(self, tokens: int) -> int:
-        """Tokens per split, a whole number of tiles."""
-        return max(1, math.ceil(math.ceil(tokens / self.splits) / self.block_n)) * self.block_n
+    def split(self, tokens: int) -> tuple[int, int]:
+        """(tokens per split, a whole number of tiles; number of splits, <= `splits`) covering `tokens`."""
+        split_tokens = max(1, math.ceil(math.ceil(tokens / self.splits) / self.block_n)) * self.block_n
+        return split_tokens, max(1, math.ceil(tokens / split_tokens))
+
+    def meta(self, head_dim: int) -> dict:
+        """jax_triton.triton_call's launch keywords: warps, stages and the kernels' constexprs."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, D=head_dim, BLOCK_N=self.block_n,
+                    PRECISION=self.precision)
 
 
 # Tile shape per head dim: (block_n, num_warps, num_stages). The (D, D) float32 state lives in
@@ -295,6 +301,7 @@ def import_jax_triton():
 
 
 def _check(arrays: dict[str, jax.Array]) -> tuple[int, int, int, int]:
+    """(B, N, H, d) of same-shape, same-dtype arrays the kernels support; raises ValueError otherwise."""
     shapes = {name: x.shape for name, x in arrays.items()}
     q = arrays["q"]
     if q.ndim != 4 or any(shape != q.shape for shape in shapes.values()):
@@ -311,6 +318,7 @@ def _check(arrays: dict[str, jax.Array]) -> tuple[int, int, int, int]:
 
 
 def _state_shapes(batch: int, heads: int, head_dim: int, *splits: int):
+    """Float32 (B, H, [splits,] d, d) states and (B, H, [splits,] d) key sums."""
     return (jax.ShapeDtypeStruct((batch, heads, *splits, head_dim, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((batch, heads, *splits, head_dim), jnp.float32))
 
@@ -322,21 +330,19 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, eps: float,
     Returns:
       out (B, N, H, d) in the input dtype, state S (B, H, d, d) and key sum z (B, H, d) in float32.
     """
-    triton_call = import_jax_triton().triton_call
-
     batch, tokens, heads, head_dim = _check({"q": q, "k": k, "v": v})
     config = config or launch_config(batch * heads, tokens, head_dim)
+    triton_call = import_jax_triton().triton_call
     eps = np.float32(eps)
     out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    meta = dict(num_warps=config.num_warps, num_stages=config.num_stages, D=head_dim,
-                BLOCK_N=config.block_n, PRECISION=config.precision)
+    meta = config.meta(head_dim)
     if config.splits == 1:
         return tuple(triton_call(
             q, k, v, tokens, heads, eps, kernel=_forward_kernel, grid=(batch * heads,),
             out_shape=(out_shape, *_state_shapes(batch, heads, head_dim)), name="linear_attention_fwd",
             **meta))
-    split_tokens = config.split_tokens(tokens)
-    grid = (batch * heads, math.ceil(tokens / split_tokens))
+    split_tokens, splits = config.split(tokens)
+    grid = (batch * heads, splits)
     state, key_sum = triton_call(
         k, v, tokens, heads, split_tokens, kernel=_partial_state_kernel, grid=grid,
         out_shape=_state_shapes(batch, heads, head_dim, grid[1]), name="linear_attention_state", **meta)
@@ -353,20 +359,18 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array, key_sum
 
     state (B, H, d, d) and key_sum (B, H, d) are the float32 residuals `forward` returned.
     """
-    triton_call = import_jax_triton().triton_call
-
     batch, tokens, heads, head_dim = _check({"q": q, "k": k, "v": v, "dout": dout})
     config = config or launch_config(batch * heads, tokens, head_dim)
+    triton_call = import_jax_triton().triton_call
     eps = np.float32(eps)
     grad_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    meta = dict(num_warps=config.num_warps, num_stages=config.num_stages, D=head_dim,
-                BLOCK_N=config.block_n, PRECISION=config.precision)
+    meta = config.meta(head_dim)
     if config.splits == 1:
         return tuple(triton_call(
             q, k, v, state, key_sum, dout, tokens, heads, eps, kernel=_backward_kernel,
             grid=(batch * heads,), out_shape=(grad_shape,) * 3, name="linear_attention_bwd", **meta))
-    split_tokens = config.split_tokens(tokens)
-    grid = (batch * heads, math.ceil(tokens / split_tokens))
+    split_tokens, splits = config.split(tokens)
+    grid = (batch * heads, splits)
     dq, d_state, d_key_sum = triton_call(
         q, state, key_sum, dout, tokens, heads, eps, split_tokens, kernel=_query_grad_kernel, grid=grid,
         out_shape=(grad_shape, *_state_shapes(batch, heads, head_dim, grid[1])),

@@ -8,12 +8,11 @@ Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID an
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sana_jax.trainer import run, validate
@@ -39,7 +38,7 @@ def main(argv: list[str]) -> None:
     _maybe_initialize_distributed()
     validate(config, num_devices=jax.device_count())
     workdir = _WORKDIR.value or str(Path("workdir") / Path(flags.FLAGS["config"].config_filename).stem)
-    logging.getLogger().setLevel(logging.INFO)
+    logging.set_verbosity(logging.WARNING)
     run(config, workdir)
     print(f"done: {workdir}")
 

@@ -3,12 +3,14 @@
 The Triton half runs in one child process (this file run as a script) with TRITON_INTERPRET=1 and four
 host devices. There `jax_triton.triton_call` is stood in for by a `jax.pure_callback` that launches the
 same kernel with plain `kernel[grid](...)` on torch CPU tensors, so the JAX launchers, the custom_vjp
-and the vmap / sharding wrappers run with the real kernel bodies. Every result is checked here against
-the quadratic form of the attention in torch float64 and its autograd gradients.
+and its vmap rule run the real kernel bodies; under sharding the Triton path is compiled and its
+program inspected. Results are checked here against the quadratic form of the attention in torch
+float64 and its autograd gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,10 +41,11 @@ INTERPRETED = {
         (1, 128, "float32", (16, 1)), (37, 128, "float32", (16, 2)), (37, 128, "bfloat16", (32, 1)),
         (37, 32, "bfloat16", (32, 2)),
     ]}
-# Sharded runs in the child: mesh shape, axis names, input PartitionSpec.
-MESHES = {"batch": ((4,), ("data",), ("data",)),
-          "batch-and-heads": ((2, 2), ("data", "model"), ("data", None, "model")),
-          "tokens": ((4,), ("data",), (None, "data"))}
+# Sharded runs in the child: mesh shape, axis names, input PartitionSpec, axis type.
+MESHES = {"batch": ((4,), ("data",), ("data",), "Auto"),
+          "batch-explicit": ((4,), ("data",), ("data",), "Explicit"),
+          "batch-and-heads": ((2, 2), ("data", "model"), ("data", None, "model"), "Auto"),
+          "tokens": ((4,), ("data",), (None, "data"), "Auto")}
 
 
 def _inputs(seed: int, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, ...]:
@@ -167,6 +170,22 @@ def test_auto_falls_back_to_xla_without_a_gpu_and_says_so(data, caplog):
         linear_attention(q, k, v, impl="triton")
 
 
+def test_launch_table_splits_tokens_only_when_heads_are_few():
+    from sana_jax.kernels import triton_linear_attention as kernels
+
+    for head_dim in kernels.HEAD_DIMS:
+        many = kernels.launch_config(16 * 70, 4096, head_dim)  # SANA training: a program per head
+        assert many.splits == 1 and many.block_n >= 16
+        few = kernels.launch_config(2 * 70, 4096, head_dim)  # batch 2: split the tokens
+        assert few.splits > 1 and 2 * 70 * few.splits >= kernels.TARGET_PROGRAMS
+        for tokens in (1, 37, 300, 1000, 4096):
+            split_tokens, splits = dataclasses.replace(few, splits=3).split(tokens)
+            assert split_tokens % few.block_n == 0 and 1 <= splits <= 3
+            assert (splits - 1) * split_tokens < tokens <= splits * split_tokens
+    with pytest.raises(ValueError, match="head dim 48"):
+        kernels.launch_config(8, 64, 48)
+
+
 # ----------------------------------------------------------------------------- tools/bench_gpu.py
 
 BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench_gpu.py")
@@ -186,7 +205,7 @@ def test_bench_gpu_dry_run_times_every_section(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert results["environment"]["backend"] == "cpu" and results["environment"]["copy_bandwidth_tb_s"] > 0
+    assert results["environment"]["backend"] == "cpu" and results["kernels"]["copy_tb_s"] > 0
     assert results["check"]["all_pass"] and len(results["check"]["cases"]) == 2  # d=32 x (fp32, bf16)
     for name in ("xla", "xla_custom_vjp"):
         for direction in ("forward", "forward+backward"):
@@ -241,7 +260,7 @@ def test_sharded_inputs_stay_sharded(child, mesh):
     name = f"sharded-{mesh}"
     _assert_matches(arrays[f"{name}/out"], [arrays[f"{name}/{n}"] for n in ("dq", "dk", "dv")],
                     q, k, v, dout, TOLERANCE["float32"])
-    shape, axes, spec = MESHES[mesh]
+    shape, axes, spec, _ = MESHES[mesh]
     spec = list(spec) + [None] * (4 - len(spec))
     kept = [spec[0], None, spec[2], None]  # batch and head shardings pass, a token sharding cannot
     assert report[name]["grad_spec"] == spec
@@ -326,15 +345,15 @@ def _run_child(out_dir: str) -> None:
     # custom_partitioning rule are not kept alive by the executable (a jax_triton call is no callback).
     q, k, v, dout = (jnp.asarray(x) for x in _inputs(200, (4, 36, 4, 32), "float32"))
     save("sharded", q=q, k=k, v=v, dout=dout)
-    for mesh_name, (shape, axes, spec) in MESHES.items():
-        mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(shape))
+    for mesh_name, (shape, axes, spec, axis_type) in MESHES.items():
+        mesh = jax.make_mesh(shape, axes, axis_types=(getattr(AxisType, axis_type),) * len(shape))
         placed = [jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec))) for x in (q, k, v, dout)]
-        run = jax.jit(grads("xla"))
-        out, (dq, dk, dv) = run(*placed)
+        compiled = jax.jit(grads("xla")).lower(*placed).compile()
+        out, (dq, dk, dv) = compiled(*placed)
         save(f"sharded-{mesh_name}", out=out, dq=dq, dk=dk, dv=dv)
         report[f"sharded-{mesh_name}"] = {
             "grad_spec": list(dq.sharding.spec) + [None] * (4 - len(dq.sharding.spec)),
-            "all_gather": "all-gather" in run.lower(*placed).compile().as_text()}
+            "all_gather": "all-gather" in compiled.as_text()}
         hlo = jax.jit(grads("triton")).lower(*placed).compile().as_text()
         calls = [line for line in hlo.splitlines() if "xla_ffi_python_cpu_callback" in line]
         shapes = {shape for line in calls for shape in re.findall(r"\[(\d+),(\d+),(\d+),(\d+)\]", line)}

@@ -165,12 +165,12 @@ def regression():
     keys = jax.random.split(jax.random.key(0), 6)
     init = lambda k1, k2: {"w1": jax.random.normal(k1, (128, 256)) / 11, "b1": jnp.zeros(256),
                            "w2": jax.random.normal(k2, (256, 128)) / 16}
-    x = jax.random.normal(keys[2], (512, 128))
-    y = _mlp(init(keys[0], keys[1]), x) + 0.01 * jax.random.normal(keys[3], (512, 128))
+    x = jax.random.normal(keys[2], (1024, 128))
+    y = _mlp(init(keys[0], keys[1]), x) + 0.01 * jax.random.normal(keys[3], (1024, 128))
     loss = lambda p: jnp.mean((_mlp(p, x) - y) ** 2)
     params = init(keys[4], keys[5])
 
-    def train(tx, steps=150):
+    def train(tx, steps=200):
         def step(carry, _):
             p, state = carry
             value, grads = jax.value_and_grad(loss)(p)
@@ -180,16 +180,17 @@ def regression():
         (_, state), losses = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), None, steps))(params)
         return np.asarray(losses), state
 
-    return train, train(came(3e-3))
+    return train, train(came(1e-3))
 
 
 @pytest.mark.parametrize("scheme", [None, SANA_SCHEME], ids=["default", "sana"])
 def test_eight_bit_tracks_float32(regression, scheme):
     train, (reference, reference_state) = regression
-    tx = came(3e-3, eight_bit=True) if scheme is None else came(3e-3, eight_bit=True, scheme=scheme)
+    tx = came(1e-3, eight_bit=True) if scheme is None else came(1e-3, eight_bit=True, scheme=scheme)
     losses, state = train(tx)
-    assert reference[-1] < 0.5 * reference[0]
-    assert abs(losses[-1] / reference[-1] - 1) < 0.03, (losses[-1], reference[-1])
+    final, reference_final = losses[-20:].mean(), reference[-20:].mean()
+    assert reference_final < 0.2 * reference[0]
+    assert abs(final / reference_final - 1) < 0.03, (final, reference_final)
     mu = state[0].mu
     assert isinstance(mu["w1"], Quantized) and isinstance(mu["w2"], Quantized)  # 32768 > 16384 elements
     assert mu["w1"].codes.dtype.itemsize == 1 and mu["b1"].dtype == jnp.float32
@@ -237,12 +238,11 @@ def test_sharded_update_matches_one_device():
         assert nu["to_q"].v_row.sharding.spec == P(None, "fsdp")
         assert nu["to_out"].v_col.sharding.spec == P(None, "fsdp")
         update = jax.jit(tx.update)
-        updates, new_state = update(jax.device_put(grads, shard), state, jax.device_put(params, shard))
+        sharded = update.lower(jax.device_put(grads, shard), state, jax.device_put(params, shard)).compile()
+        assert "all-gather" not in sharded.as_text()  # blocks and statistics stay inside the shards
+        updates, new_state = sharded(jax.device_put(grads, shard), state, jax.device_put(params, shard))
         for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
             assert after.sharding.is_equivalent_to(before.sharding, after.ndim), before.sharding
-        lowered = update.lower(jax.device_put(grads, shard), state, jax.device_put(params, shard))
-        hlo = lowered.compile().as_text()
-        assert "all-gather" not in hlo
 
         one = jax.devices()[0]
         expected, expected_state = update(jax.device_put(grads, one), tx.init(jax.device_put(params, one)),

@@ -1,5 +1,6 @@
 """Block-wise 8-bit quantisation: round-trip error bounds against NumPy block statistics."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from sana_jax.optim.quantize import (
     quantize_blockwise,
 )
 
+quantize_blockwise = jax.jit(quantize_blockwise, static_argnums=1)
+dequantize_blockwise = jax.jit(dequantize_blockwise, static_argnums=1)
 SCHEMES = [Scheme("dynamic", 64), Scheme("linear", 64), Scheme("minmax", 64), Scheme("dynamic", 1 << 20),
            Scheme("minmax", 16, whole_columns=True), SANA_SCHEME]
 

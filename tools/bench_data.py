@@ -2,7 +2,7 @@
 
   python tools/bench_data.py [--per_task 2000] [--size 32] [--skip_throughput]
 
-Prints three tables:
+Prints five tables:
   1. rendered samples: how often the checker accepts a sample's own prompt (ground truth: always)
      and finds exactly the rendered objects (shape and colour multiset);
   2. shuffled pairs (prompt of sample i, image of sample perm(i) for a fixed random permutation):
@@ -10,7 +10,10 @@ Prints three tables:
      pairs are rejected;
   3. degraded renders (Gaussian pixel noise, Gaussian blur): how often own prompts are still accepted,
      a hint of how the checker treats imperfect generated images;
-  4. throughput of the on-the-fly shapes pipeline and of the cached ArrayRecord pipeline.
+  4. junk images (uniform noise, smooth random colour blobs, random latents decoded by the
+     space-to-depth autoencoder, which look like an untrained model's samples), each paired with a
+     random prompt of every task: how often the checker wrongly accepts them (ground truth: never);
+  5. throughput of the on-the-fly shapes pipeline and of the cached ArrayRecord pipeline.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def checker_tables(per_task: int, size: int, seed: int) -> None:
           f"{100 * sum(agree.values()) / n:.2f}% |")
 
 
-DEGRADATIONS = ((4.0, 0.0), (12.0, 0.0), (0.0, 0.5), (0.0, 0.8), (6.0, 0.6))  # (noise std, blur sigma)
+# (noise std, blur sigma) pairs.
+DEGRADATIONS = ((4.0, 0.0), (12.0, 0.0), (20.0, 0.0), (0.0, 0.5), (0.0, 0.8), (0.0, 1.2), (6.0, 0.6))
 
 
 def degraded_table(per_task: int, size: int, seed: int) -> None:
@@ -86,6 +90,49 @@ def degraded_table(per_task: int, size: int, seed: int) -> None:
         cells = [f"{100 * accepted[t] / per_task:.1f}%" for t in shapes.TASKS]
         total = 100 * sum(accepted.values()) / len(samples)
         print(f"| {noise:g} | {blur:g} | " + " | ".join(cells) + f" | {total:.1f}% |")
+
+
+def junk_images(kind: str, rng: np.random.Generator, count: int, size: int) -> np.ndarray:
+    """`count` images (count, size, size, 3) uint8 that show no object of the domain.
+
+    kind: "noise" (uniform in 0-255 per channel), "blobs" (uniform noise smoothed by a Gaussian of
+    sigma 1-4 px, each channel stretched to 0-255: saturated, soft-edged colour blobs) or "latents"
+    (standard normal space-to-depth latents scaled by 0.6-1.2 and smoothed across blocks by sigma
+    0.7, decoded: blocky, pale colour mush like an untrained model's samples).
+    """
+    if kind == "noise":
+        return rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    if kind == "blobs":
+        sigmas = rng.uniform(1.0, 4.0, count)
+        smooth = np.stack([ndimage.gaussian_filter(rng.random((size, size, 3)), (s, s, 0)) for s in sigmas])
+        low, high = smooth.min(axis=(1, 2), keepdims=True), smooth.max(axis=(1, 2), keepdims=True)
+        return np.rint(255 * (smooth - low) / (high - low)).astype(np.uint8)
+    if kind == "latents":
+        ae = SpaceToDepthAE()
+        f = ae.downsample
+        latents = rng.standard_normal((count, size // f, size // f, ae.latent_channels))
+        latents *= rng.uniform(0.6, 1.2, (count, 1, 1, 1))
+        latents = ndimage.gaussian_filter(latents, (0, 0.7, 0.7, 0))
+        return np.rint(255 * np.asarray(ae.decode(latents))).astype(np.uint8)
+    raise ValueError(f"unknown junk kind {kind!r}; expected 'noise', 'blobs' or 'latents'")
+
+
+def junk_table(count: int, size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    print(f"\nChecker on junk images ({size} px, {count} per kind, each with a random prompt of every "
+          "task): false accepts, and images where any confident object is found")
+    print("| images | " + " | ".join(shapes.TASKS) + " | all | with an object |\n"
+          + "|---" * (len(shapes.TASKS) + 3) + "|")
+    for kind in ("noise", "blobs", "latents"):
+        accepted, with_object = collections.Counter(), 0
+        for image in tqdm(junk_images(kind, rng, count, size), desc=kind):
+            with_object += bool(checker.detect(image))
+            for task in shapes.TASKS:
+                accepted[task] += checker.check(shapes.format_prompt(shapes.sample_spec(rng, task)), image)
+        cells = [f"{accepted[t]}/{count}" for t in shapes.TASKS]
+        total = sum(accepted.values())
+        print(f"| {kind} | " + " | ".join(cells) + f" | {total}/{count * len(shapes.TASKS)} "
+              f"({100 * total / (count * len(shapes.TASKS)):.2f}%) | {with_object}/{count} |")
 
 
 def _samples_per_second(iterator, batch_size: int, batches: int) -> float:
@@ -133,12 +180,14 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
     parser.add_argument("--degraded_per_task", type=int, default=300, help="samples per task, degraded")
+    parser.add_argument("--junk", type=int, default=500, help="junk images of each kind")
     parser.add_argument("--skip_checker", action="store_true")
     parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args()
     if not args.skip_checker:
         checker_tables(args.per_task, args.size, args.seed)
         degraded_table(args.degraded_per_task, args.size, args.seed)
+        junk_table(args.junk, args.size, args.seed)
     if not args.skip_throughput:
         throughput_table(args.batch_size, args.batches)
 

@@ -3,20 +3,24 @@
 Sections, in order; every measurement is guarded (a failure is recorded and the rest runs) and is
 skipped once the time budget would be overrun:
 
-  environment  devices, versions, and the bandwidth of a large device-to-device copy.
+  environment  backend, device, package versions, and whether the Triton path can run.
   check        Triton kernels vs the float32 reference on fresh random inputs: forward and gradients,
                fused and split launches and the custom_vjp, d = 32, 64, 128, fp32 and bf16. A NaN fails.
   kernels      linear attention alone at SANA shapes (B=16, H=70, d=32, bf16, N=1024 and 4096):
                forward and forward+backward of XLA autodiff, XLA with the closed-form backward, and
-               Triton, with the HBM bandwidth each achieves (bytes it must move / time).
+               Triton, with the HBM bandwidth each achieves (bytes it must move / time) against a
+               large bf16 copy timed in the same process and the card's nominal figure.
   model        sana1.5_1600m forward (batch 2 and 16; 32x32 latent, 300 text tokens, bf16 compute) and
                a training step (batch 8, forward + backward of the flow-matching MSE, no optimizer),
                attention_impl "xla" vs "triton".
   diffusers    SanaTransformer2DModel (bf16, same random weights and inputs), eager and torch.compile.
   sweep        kernel launch configs around the autotune table's choice at the SANA shapes.
 
-Prints one table last and writes JSON to --out (default $OUT/bench_gpu.json), rewritten after every
-section. --dry-run runs the same harness on tiny shapes and the "tiny" preset (CPU is enough).
+Each section runs in its own process (this script with --one-section), so a crash costs one section
+and every section starts with the whole GPU: JAX's allocator keeps what it once used, which torch then
+could not have. Prints one table last and writes JSON to --out (default $OUT/bench_gpu.json),
+rewritten after every section. --dry-run runs the same harness on tiny shapes and the "tiny" preset
+(CPU is enough).
 
   python tools/bench_gpu.py --budget-s 540
   python tools/bench_gpu.py --dry-run --out /tmp/bench_gpu.json
@@ -31,6 +35,8 @@ import importlib.metadata
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -74,6 +80,10 @@ TINY = Shapes(attention_batch=2, attention_heads=2, attention_tokens=(37,), chec
 Timer = Callable[[Callable[[], Any], Callable[[Any], Any]], float]
 
 
+class Skip(Exception):
+    """A measurement that cannot run here or now; recorded as skipped, not as an error."""
+
+
 class Budget:
     """The wall-clock budget all sections share."""
 
@@ -84,19 +94,32 @@ class Budget:
         return self.deadline - time.monotonic()
 
     def require(self, seconds: float, what: str) -> None:
-        """Raises TimeoutError unless ~`seconds` (a guess at `what`'s cost) are left."""
+        """Raises Skip unless ~`seconds` (a guess at `what`'s cost) are left."""
         if self.left() < seconds:
-            raise TimeoutError(f"{what}: {self.left():.0f} s of the budget left, needs ~{seconds:.0f} s")
+            raise Skip(f"{what}: {self.left():.0f} s of the budget left, needs ~{seconds:.0f} s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every section gets: sizes, budget, timer, the check seed, and whether to torch.compile."""
+
+    shapes: Shapes
+    budget: Budget
+    timer: Timer
+    seed: int
+    torch_compile: bool
 
 
 def guarded(results: dict, key: str, fn: Callable[[], Any]) -> None:
-    """results[key] = fn(), or what stopped it; never raises."""
+    """results[key] = fn(), or what stopped it; never raises. Prints a line either way."""
     try:
         results[key] = fn()
-    except TimeoutError as e:
+    except Skip as e:
         results[key] = {"skipped": str(e)}
-    except Exception as e:  # noqa: BLE001 - one failure must not lose the other measurements
+    except Exception as e:  # one failure must not lose the other measurements
         results[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+    if results[key] is not None:
+        print(f"[bench_gpu]   {key}: {json.dumps(results[key], default=str)[:300]}", flush=True)
 
 
 def time_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], *, repeats: int, inner: int,
@@ -141,7 +164,9 @@ def triton_unavailable() -> str | None:
 # ----------------------------------------------------------------------------- sections
 
 
-def environment(out: dict, shapes: Shapes, timer: Timer) -> None:
+def environment(out: dict, run: Run) -> None:
+    """Backend, device, package versions and whether the Triton path can run."""
+    del run  # nothing to size or time
     device = jax.devices()[0]
     out.update(backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
                triton_unavailable=triton_unavailable())
@@ -151,15 +176,9 @@ def environment(out: dict, shapes: Shapes, timer: Timer) -> None:
             out["versions"][name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out["versions"][name] = None
-    nominal = next((bw for kind, bw in NOMINAL_BANDWIDTH.items() if kind in device.device_kind), None)
-    out["nominal_bandwidth_tb_s"] = nominal * 1e-12 if nominal else None
-    x = jnp.ones((shapes.copy_bytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda x: x + 1)
-    ms = timer(lambda: copy(x), jax.block_until_ready)
-    out["copy_bandwidth_tb_s"] = 2 * shapes.copy_bytes / ms * 1e-9  # read + write
 
 
-def check(out: dict, shapes: Shapes, budget: Budget, seed: int) -> None:
+def check(out: dict, run: Run) -> None:
     """Relative errors of every path against the float32 (HIGHEST precision) reference.
 
     Gradient errors are relative to max(||expected||, ||dout||): with one token the output is v
@@ -170,7 +189,7 @@ def check(out: dict, shapes: Shapes, budget: Budget, seed: int) -> None:
 
     reason = triton_unavailable()
     tolerance = {"float32": 1e-4, "bfloat16": 2e-2}
-    out.update(seed=seed, triton_unavailable=reason, tolerance=tolerance, cases={})
+    out.update(seed=run.seed, triton_unavailable=reason, tolerance=tolerance, cases={})
 
     @jax.jit
     def reference(q, k, v, dout):
@@ -191,44 +210,52 @@ def check(out: dict, shapes: Shapes, budget: Budget, seed: int) -> None:
             return result, kernels.backward(q, k, v, state, key_sum, dout, EPS, config)
         return jax.jit(run)
 
-    def case(run, inputs, expected, dtype):
-        result, grads = run(*inputs)
+    def case(path, inputs, expected, dtype):
+        result, grads = path(*inputs)
         floor = float(jnp.linalg.norm(inputs[3].astype(jnp.float32)))
         errors = {"out": relative_error(result, expected[0])}
         errors.update({n: relative_error(g, e, floor)
                        for n, g, e in zip(("dq", "dk", "dv"), grads, expected[1], strict=True)})
         return {**errors, "pass": all(e < tolerance[dtype] for e in errors.values())}  # NaN fails
 
-    for head_dim in shapes.check_head_dims:
-        runs = {"xla_custom_vjp": through_custom_vjp("xla")}
+    for head_dim in run.shapes.check_head_dims:
+        paths = {"xla_custom_vjp": through_custom_vjp("xla")}
         if reason is None:
             block_n = kernels.TILE_TABLE[head_dim][0]
-            runs["triton_custom_vjp"] = through_custom_vjp("triton")
-            runs["triton_fused"] = through_launchers(kernels.LaunchConfig(block_n, 1, 4, 2))
-            runs["triton_split3"] = through_launchers(kernels.LaunchConfig(block_n, 3, 4, 2))
+            paths["triton_custom_vjp"] = through_custom_vjp("triton")
+            paths["triton_fused"] = through_launchers(kernels.LaunchConfig(block_n, 1, 4, 2))
+            paths["triton_split3"] = through_launchers(kernels.LaunchConfig(block_n, 3, 4, 2))
         for dtype in ("float32", "bfloat16"):
-            for tokens in shapes.check_tokens:
-                key = jax.random.fold_in(jax.random.key(seed), tokens * 1000 + head_dim)
+            for tokens in run.shapes.check_tokens:
+                key = jax.random.fold_in(jax.random.key(run.seed), tokens * 1000 + head_dim)
                 inputs = random_arrays(key, (2, tokens, 3, head_dim), jnp.dtype(dtype))
                 expected = reference(*inputs)
-                for name, run in runs.items():
-                    budget.require(5, "the remaining checks")
+                for name, path in paths.items():
+                    run.budget.require(5, "the remaining checks")
                     guarded(out["cases"], f"{name}/d{head_dim}/{dtype}/n{tokens}",
-                            lambda r=run, i=inputs, e=expected, d=dtype: case(r, i, e, d))
+                            lambda p=path, i=inputs, e=expected, d=dtype: case(p, i, e, d))
     out["all_pass"] = all(c.get("pass", False) for c in out["cases"].values())
 
 
-def attention(out: dict, shapes: Shapes, budget: Budget, timer: Timer, environment: dict) -> None:
-    """Forward and forward+backward times and achieved bandwidth of the linear-attention paths."""
+def attention(out: dict, run: Run) -> None:
+    """Forward and forward+backward times and achieved bandwidth of the linear-attention paths,
+    against a large bf16 device-to-device copy timed in the same process (and the card's nominal)."""
     from sana_jax.kernels import linear_attention, linear_attention_xla
+
+    shapes, timer = run.shapes, run.timer
+    ones = jnp.ones((shapes.copy_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda x: x + 1)
+    copy_ms = timer(lambda: copy(ones), jax.block_until_ready)
+    out["copy_tb_s"] = copy_tb_s = 2 * shapes.copy_bytes / copy_ms * 1e-9
+    kind = jax.devices()[0].device_kind
+    nominal = next((bw for name, bw in NOMINAL_BANDWIDTH.items() if name in kind), None)
+    out["nominal_tb_s"] = nominal_tb_s = nominal * 1e-12 if nominal else None
 
     out["triton_unavailable"] = reason = triton_unavailable()
     impls = {"xla": lambda *x: linear_attention_xla(*x, EPS),
              "xla_custom_vjp": lambda *x: linear_attention(*x, eps=EPS, impl="xla")}
     if reason is None:
         impls["triton"] = lambda *x: linear_attention(*x, eps=EPS, impl="triton")
-    copy_tb_s = environment.get("copy_bandwidth_tb_s")
-    nominal_tb_s = environment.get("nominal_bandwidth_tb_s")
 
     def measure(call, args, moved):
         ms = timer(lambda: call(*args), jax.block_until_ready)
@@ -249,18 +276,22 @@ def attention(out: dict, shapes: Shapes, budget: Budget, timer: Timer, environme
             for direction, call, args, moved in (("forward", forward, (q, k, v), 4 * size),
                                                  ("forward+backward", forward_backward, (q, k, v, dout),
                                                   11 * size)):
-                budget.require(10, f"{name} {direction} at N={tokens}")
+                run.budget.require(10, f"{name} {direction} at N={tokens}")
                 guarded(out, f"{name}/{direction}/n{tokens}",
                         lambda c=call, a=args, m=moved: measure(c, a, m))
 
 
-def _model_inputs(config, batch: int, shapes: Shapes) -> tuple[np.ndarray, ...]:
-    """Latents (B, h, w, C), timesteps (B,), text (B, L, C_text), mask (B, L): the same for JAX and torch."""
+def _model_inputs(config, batch: int, shapes: Shapes) -> dict[str, np.ndarray]:
+    """One batch, the same for JAX and torch: clean latents (B, h, w, C), noise like them, noise levels
+    sigmas (B,) and model timesteps floor(1000 sigma), text (B, L, C_text), mask (B, L)."""
     rng = np.random.default_rng(batch)
-    latents = rng.standard_normal((batch, shapes.latent, shapes.latent, config.in_channels), np.float32)
-    timesteps = np.floor(rng.uniform(0, 1000, batch)).astype(np.float32)
-    text = rng.standard_normal((batch, shapes.text_tokens, config.caption_channels), np.float32)
-    return latents, timesteps, text, np.ones((batch, shapes.text_tokens), np.int32)
+    latent_shape = (batch, shapes.latent, shapes.latent, config.in_channels)
+    sigmas = rng.uniform(0, 1, batch).astype(np.float32)
+    return {"latents": rng.standard_normal(latent_shape, np.float32),
+            "noise": rng.standard_normal(latent_shape, np.float32),
+            "sigmas": sigmas, "timesteps": np.floor(1000 * sigmas),
+            "text": rng.standard_normal((batch, shapes.text_tokens, config.caption_channels), np.float32),
+            "mask": np.ones((batch, shapes.text_tokens), np.int32)}
 
 
 def _model_config(shapes: Shapes):
@@ -269,46 +300,57 @@ def _model_config(shapes: Shapes):
     return dataclasses.replace(preset(shapes.preset), sample_size=shapes.latent, compute_dtype="bfloat16")
 
 
-def model(out: dict, shapes: Shapes, budget: Budget, timer: Timer) -> None:
-    """sana_jax.model forward and training-step times, attention_impl "xla" vs "triton"."""
-    from sana_jax.model import forward, init_params
-    from sana_jax.trainer.flow_matching import flow_matching_loss
+def model(out: dict, run: Run) -> None:
+    """sana_jax.model forward and training-step times, attention_impl "xla" vs "triton".
 
+    The training step is forward + backward (no optimizer) of the flow-matching MSE
+    mean((v(x_t, t) - (noise - x0))^2) with x_t = (1 - sigma) x0 + sigma noise.
+    """
+    from sana_jax.model import forward, init_params
+
+    shapes = run.shapes
     base = _model_config(shapes)
     out["config"] = dataclasses.asdict(base)
     out["triton_unavailable"] = reason = triton_unavailable()
     params = jax.jit(init_params, static_argnums=0)(base, jax.random.key(0))
-    run_forward = jax.jit(forward, static_argnums=1)
 
-    def time_forward(config, batch):
-        inputs = [jnp.asarray(x) for x in _model_inputs(config, batch, shapes)]
-        ms = timer(lambda: run_forward(params, config, *inputs), jax.block_until_ready)
+    @functools.partial(jax.jit, static_argnums=1)
+    def velocity(params, config, x):
+        return forward(params, config, x["latents"], x["timesteps"], x["text"], x["mask"])
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def train_step(params, config, x):
+        def loss(params):
+            sigmas = x["sigmas"][:, None, None, None]
+            noisy = (1 - sigmas) * x["latents"] + sigmas * x["noise"]
+            predicted = forward(params, config, noisy, x["timesteps"], x["text"], x["mask"])
+            return jnp.mean(jnp.square(predicted - (x["noise"] - x["latents"])))
+        return jax.value_and_grad(loss)(params)
+
+    def time_call(call, config, batch):
+        inputs = jax.tree.map(jnp.asarray, _model_inputs(config, batch, shapes))
+        ms = run.timer(lambda: call(params, config, inputs), jax.block_until_ready)
         return {"ms": ms, "images_per_s": batch / ms * 1e3}
-
-    def time_train_step(config):
-        latents, _, text, mask = (jnp.asarray(x) for x in _model_inputs(config, shapes.train_batch, shapes))
-        batch = {"latents": latents, "text": text, "text_mask": mask}
-        step = jax.jit(jax.value_and_grad(lambda p, b, key: flow_matching_loss(p, config, b, key, shift=3.0)))
-        ms = timer(lambda: step(params, batch, jax.random.key(1)), jax.block_until_ready)
-        return {"ms": ms, "images_per_s": shapes.train_batch / ms * 1e3}
 
     for impl in ("xla", "triton") if reason is None else ("xla",):
         config = dataclasses.replace(base, attention_impl=impl)
         for batch in shapes.forward_batches:
-            budget.require(60, f"the {impl} forward at batch {batch}")
-            guarded(out, f"{impl}/forward/b{batch}", lambda c=config, b=batch: time_forward(c, b))
-        budget.require(90, f"the {impl} training step")
-        guarded(out, f"{impl}/train_step/b{shapes.train_batch}", lambda c=config: time_train_step(c))
+            run.budget.require(60, f"the {impl} forward at batch {batch}")
+            guarded(out, f"{impl}/forward/b{batch}", lambda c=config, b=batch: time_call(velocity, c, b))
+        run.budget.require(90, f"the {impl} training step")
+        guarded(out, f"{impl}/train_step/b{shapes.train_batch}",
+                lambda c=config: time_call(train_step, c, shapes.train_batch))
 
 
-def diffusers_model(out: dict, shapes: Shapes, budget: Budget, timer: Timer, compile_: bool) -> None:
-    """diffusers SanaTransformer2DModel in bf16 on the model section's weights and inputs."""
+def diffusers_model(out: dict, run: Run) -> None:
+    """diffusers SanaTransformer2DModel in bf16 on the model section's weights, inputs and workloads."""
     import torch
     from diffusers import SanaTransformer2DModel
 
     from sana_jax.convert import config_to_diffusers, params_to_state_dict
     from sana_jax.model import init_params
 
+    shapes = run.shapes
     config = _model_config(shapes)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out["device"] = device
@@ -325,56 +367,60 @@ def diffusers_model(out: dict, shapes: Shapes, budget: Budget, timer: Timer, com
         return result
 
     def inputs(batch):
-        latents, timesteps, text, mask = _model_inputs(config, batch, shapes)
-        return (torch.from_numpy(latents).permute(0, 3, 1, 2).to(device, torch.bfloat16),
-                torch.from_numpy(text).to(device, torch.bfloat16), torch.from_numpy(timesteps).to(device),
-                torch.from_numpy(mask).to(device))
+        x = {k: torch.from_numpy(v).to(device) for k, v in _model_inputs(config, batch, shapes).items()}
+        for name in ("latents", "noise"):  # NHWC -> NCHW
+            x[name] = x[name].permute(0, 3, 1, 2).to(torch.bfloat16)
+        x["text"] = x["text"].to(torch.bfloat16)
+        return x
 
     def time_forward(module, batch):
-        latents, text, timesteps, mask = inputs(batch)
+        x = inputs(batch)
 
         @torch.no_grad()
-        def run():
-            return module(latents, text, timesteps, encoder_attention_mask=mask, return_dict=False)[0]
+        def call():
+            return module(x["latents"], x["text"], x["timesteps"], encoder_attention_mask=x["mask"],
+                          return_dict=False)[0]
 
-        ms = timer(run, sync)
+        ms = run.timer(call, sync)
         return {"ms": ms, "images_per_s": batch / ms * 1e3}
 
     def time_train_step(module):
-        latents, text, timesteps, mask = inputs(shapes.train_batch)
-        noise = torch.randn_like(latents)
-        sigmas = (timesteps / 1000).view(-1, 1, 1, 1).to(latents.dtype)
+        x = inputs(shapes.train_batch)
+        sigmas = x["sigmas"].view(-1, 1, 1, 1)
 
-        def run():
-            x_t = (1 - sigmas) * latents + sigmas * noise
-            velocity = module(x_t, text, timesteps, encoder_attention_mask=mask, return_dict=False)[0]
-            loss = torch.mean(torch.square(velocity.float() - (noise - latents).float()))
+        def call():
+            noisy = ((1 - sigmas) * x["latents"] + sigmas * x["noise"]).to(torch.bfloat16)
+            predicted = module(noisy, x["text"], x["timesteps"], encoder_attention_mask=x["mask"],
+                               return_dict=False)[0]
+            loss = torch.mean(torch.square(predicted.float() - (x["noise"] - x["latents"]).float()))
             loss.backward()
             return loss
 
-        ms = timer(run, sync)
+        ms = run.timer(call, sync)
         net.zero_grad(set_to_none=True)
         return {"ms": ms, "images_per_s": shapes.train_batch / ms * 1e3}
 
-    variants = {"eager": net, "compile": torch.compile(net)} if compile_ else {"eager": net}
+    variants = {"eager": net, "compile": torch.compile(net)} if run.torch_compile else {"eager": net}
     for name, module in variants.items():
         for batch in shapes.forward_batches:
-            budget.require(120 if name == "compile" else 20, f"diffusers {name} forward at batch {batch}")
+            run.budget.require(120 if name == "compile" else 20, f"{name} forward at batch {batch}")
             guarded(out, f"{name}/forward/b{batch}", lambda m=module, b=batch: time_forward(m, b))
-        budget.require(180 if name == "compile" else 30, f"diffusers {name} training step")
+        run.budget.require(180 if name == "compile" else 30, f"{name} training step")
         guarded(out, f"{name}/train_step/b{shapes.train_batch}", lambda m=module: time_train_step(m))
 
 
-def sweep(out: dict, shapes: Shapes, budget: Budget, timer: Timer) -> None:
+def sweep(out: dict, run: Run) -> None:
     """Launcher times for launch configs one step from the table's, per SANA shape and direction."""
     from sana_jax.kernels import triton_linear_attention as kernels
 
     reason = triton_unavailable()
     if reason is not None:
-        raise TimeoutError(f"Triton unavailable: {reason}")
+        raise Skip(f"Triton unavailable: {reason}")
+
+    shapes = run.shapes
 
     def time_us(call, args):
-        return 1e3 * timer(lambda: call(*args), jax.block_until_ready)
+        return 1e3 * run.timer(lambda: call(*args), jax.block_until_ready)
 
     def variants(table):
         one = functools.partial(dataclasses.replace, table)
@@ -391,7 +437,7 @@ def sweep(out: dict, shapes: Shapes, budget: Budget, timer: Timer) -> None:
         forward_args, backward_args = (q, k, v), (q, k, v, state, key_sum, dout)
         best = {}
         for name, config in variants(table).items():
-            budget.require(15, f"sweep {name} at N={tokens}")
+            run.budget.require(15, f"sweep {name} at N={tokens}")
             entry = out[f"n{tokens}/{name}"] = {"config": dataclasses.asdict(config)}
             forward = jax.jit(functools.partial(kernels.forward, eps=EPS, config=config))
             backward = jax.jit(functools.partial(kernels.backward, eps=EPS, config=config))
@@ -414,8 +460,9 @@ def table(results: dict) -> str:
     if "device_kind" in env:
         rows.append(("environment", "device", f"{env['device_kind']} ({env['backend']})"))
         rows.append(("environment", "triton", env.get("triton_unavailable") or "available"))
-    if "copy_bandwidth_tb_s" in env:
-        rows.append(("environment", "copy bandwidth", f"{env['copy_bandwidth_tb_s']:.2f} TB/s"))
+    copy = results.get("kernels", {}).get("copy_tb_s")
+    if copy:
+        rows.append(("kernels", "bf16 copy", f"{copy:.2f} TB/s (read + write)"))
     cases = results.get("check", {}).get("cases", {})
     if cases:
         failed = [name for name, c in cases.items() if not c.get("pass")]
@@ -423,19 +470,30 @@ def table(results: dict) -> str:
         rows.append(("check", f"{len(cases)} cases", verdict))
     for section, unit in (("kernels", "us"), ("model", "ms"), ("diffusers", "ms"), ("sweep", "us")):
         for name, r in results.get(section, {}).items():
-            if not isinstance(r, dict):
+            if not isinstance(r, dict) or name == "stopped":
                 continue
             if unit in r:
                 share = f"  {r['tb_s']:.2f} TB/s, {r['of_copy']:.0%} of the copy" if r.get("of_copy") else ""
                 rows.append((section, name, f"{r[unit]:10.2f} {unit}{share}"))
-            elif "forward_us" in r:
-                times = [f"{d} {r[f'{d}_us']:.1f} us" for d in ("forward", "backward")
-                         if isinstance(r.get(f"{d}_us"), float)]
+            elif name.endswith("/best"):
+                rows.append((section, name, ", ".join(f"{d}: {best}" for d, best in r.items())))
+            elif "config" in r:
+                times = [f"{d} {r[d]:.1f} us" for d in ("forward_us", "backward_us")
+                         if isinstance(r[d], float)]
                 rows.append((section, name, ", ".join(times) or "failed"))
             elif "error" in r or "skipped" in r:
                 rows.append((section, name, (r.get("error") or r["skipped"]).splitlines()[0][:120]))
+    for section in SECTIONS:
+        stopped = results.get(section, {}).get("stopped")
+        if stopped:
+            why = stopped.get("error") or stopped["skipped"]
+            rows.append((section, "stopped", why.splitlines()[0][:120]))
     width = max((len(f"{s}  {n}") for s, n, _ in rows), default=0)
     return "\n".join(f"{f'{s}  {n}':<{width}}  {value}" for s, n, value in rows)
+
+
+SECTION_FUNCTIONS = {"environment": environment, "check": check, "kernels": attention, "model": model,
+                     "diffusers": diffusers_model, "sweep": sweep}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -455,6 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip torch.compile in the diffusers section")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes, the 'tiny' preset, no torch.compile: checks the harness (CPU too)")
+    parser.add_argument("--one-section", choices=SECTIONS, help=argparse.SUPPRESS)  # a child's job
     args = parser.parse_args(argv)
     unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
     if unknown:
@@ -462,45 +521,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_one_section(args: argparse.Namespace) -> None:
+    """The child: runs section args.one_section and writes its results to args.out."""
+    if args.dry_run:
+        timer = functools.partial(time_ms, repeats=args.repeats or 1, inner=1, warmup=1)
+    else:
+        timer = functools.partial(time_ms, repeats=args.repeats or 10, inner=5, warmup=2)
+    run = Run(shapes=TINY if args.dry_run else FULL, budget=Budget(args.budget_s), timer=timer,
+              seed=args.seed, torch_compile=not (args.no_compile or args.dry_run))
+    out: dict[str, Any] = {}
+    guarded(out, "stopped", lambda: SECTION_FUNCTIONS[args.one_section](out, run))
+    if out["stopped"] is None:  # ran to the end
+        del out["stopped"]
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2, default=str)
+
+
+def run_in_child(section: str, args: argparse.Namespace, seconds: float, scratch: str) -> dict:
+    """Runs one section in a fresh process with `seconds` of budget; its results, or why there are none."""
+    path = os.path.join(scratch, f"{section}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--one-section", section, "--out", path,
+               "--budget-s", f"{seconds:.0f}", "--seed", str(args.seed)]
+    command += ["--repeats", str(args.repeats)] if args.repeats else []
+    command += [flag for flag, on in (("--dry-run", args.dry_run), ("--no-compile", args.no_compile)) if on]
+    try:
+        # Past its budget a section only finishes the measurement in hand; allow a compile's worth.
+        code = subprocess.run(command, timeout=seconds + 240).returncode
+    except subprocess.TimeoutExpired:
+        return {"stopped": {"error": f"killed after {seconds + 240:.0f} s"}}
+    if not os.path.exists(path):
+        return {"stopped": {"error": f"the section's process exited with code {code} and no results"}}
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         if not os.environ.get(name):
             os.environ[name] = tempfile.mkdtemp(prefix=f"{name.lower()}_")
-    # Read when jax first touches the GPU (not at import): leave memory to torch's diffusers section.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch
+    if args.one_section:
+        run_one_section(args)
+        return {}
+    if args.seed is None:
+        args.seed = time.time_ns() % 2**31
     path = args.out or os.path.join(os.environ.get("OUT", "."), "bench_gpu.json")
-    shapes = TINY if args.dry_run else FULL
-    if args.dry_run:
-        timer = functools.partial(time_ms, repeats=args.repeats or 1, inner=1, warmup=1)
-    else:
-        timer = functools.partial(time_ms, repeats=args.repeats or 10, inner=5, warmup=2)
-    seed = args.seed if args.seed is not None else time.time_ns() % 2**31
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     budget = Budget(args.budget_s)
-    results: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": args.budget_s}
-    runs = {
-        "environment": lambda out: environment(out, shapes, timer),
-        "check": lambda out: check(out, shapes, budget, seed),
-        "kernels": lambda out: attention(out, shapes, budget, timer, results.get("environment", {})),
-        "model": lambda out: model(out, shapes, budget, timer),
-        "diffusers": lambda out: diffusers_model(out, shapes, budget, timer,
-                                                 compile_=not (args.no_compile or args.dry_run)),
-        "sweep": lambda out: sweep(out, shapes, budget, timer),
-    }
-    for section in SECTIONS:
-        if section not in args.sections.split(","):
-            continue
-        print(f"[bench_gpu] {section}: {budget.left():.0f} s of the budget left", flush=True)
-        start = time.monotonic()
-        out = results[section] = {}
-        guarded(out, "stopped", lambda r=runs[section], o=out: r(o))
-        if out.get("stopped") is None:  # ran to the end
-            del out["stopped"]
-        out["wall_s"] = time.monotonic() - start
-        jax.clear_caches()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+    results: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": args.budget_s, "seed": args.seed}
+    with tempfile.TemporaryDirectory() as scratch:
+        for section in SECTIONS:
+            if section not in args.sections.split(","):
+                continue
+            print(f"[bench_gpu] {section}: {budget.left():.0f} s of the budget left", flush=True)
+            start = time.monotonic()
+            if budget.left() < 10:
+                results[section] = {"stopped": {"skipped": f"{budget.left():.0f} s of the budget left"}}
+            else:
+                results[section] = run_in_child(section, args, budget.left(), scratch)
+            results[section]["wall_s"] = time.monotonic() - start
+            with open(path, "w") as f:
+                json.dump(results, f, indent=2, default=str)
     print(table(results))
     print(f"[bench_gpu] wrote {path}")
     return results

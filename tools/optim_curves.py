@@ -112,7 +112,9 @@ def main():
     parser.add_argument("--size", type=int, default=8, help="latent height = width")
     parser.add_argument("--text_len", type=int, default=8)
     parser.add_argument("--samples", type=int, default=64, help="size of the fixed dataset")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4, help="CAME learning rate (SANA's)")
+    parser.add_argument("--adamw_lr", type=float, default=1e-3,
+                        help="AdamW learning rate (3e-4 trains slower here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_schemes", default="sana-minmax-2048cols,dynamic-row,dynamic-256,linear-256",
                         help=f"comma-separated 8-bit schemes to train with, from {list(SCHEMES)}")
@@ -123,7 +125,7 @@ def main():
     k_params, k_data = jax.random.split(jax.random.key(args.seed))
     params = init_params(config, k_params)
     data = make_data(config, k_data, args.samples, args.size, args.text_len)
-    optimizers = {"AdamW": optax.adamw(args.lr, weight_decay=0.0), "CAME fp32": came(args.lr)}
+    optimizers = {"AdamW": optax.adamw(args.adamw_lr, weight_decay=0.0), "CAME fp32": came(args.lr)}
     optimizers |= {f"CAME-8bit {name}": came(args.lr, eight_bit=True, scheme=SCHEMES[name])
                    for name in args.train_schemes.split(",")}
 
@@ -149,7 +151,7 @@ def main():
                 linestyle="--" if name == "AdamW" else "-")
     ax.set(xlabel="step", ylabel="flow-matching loss (10-step mean)", yscale="log",
            title=f"{args.preset} DiT, depth {args.depth}, {args.size}x{args.size} latents, "
-                 f"batch {args.batch}, lr {args.lr:g}")
+                 f"batch {args.batch}, lr {args.lr:g} (AdamW {args.adamw_lr:g})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)

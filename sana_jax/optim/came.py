@@ -62,6 +62,12 @@ def _ema_of_means(row: jax.Array, col: jax.Array, x: jax.Array, decay: float,
             decay * col + (1 - decay) * jnp.mean(x, axis=row_axis))
 
 
+def _block_view(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape that 8-bit blocks run along: size-1 axes (of 1x1 convs) dropped, at least 2-D."""
+    squeezed = tuple(d for d in shape if d != 1)
+    return (1,) * (2 - len(squeezed)) + squeezed
+
+
 def scale_by_came(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -103,14 +109,11 @@ def scale_by_came(
         return factored, quantized
 
     def quantize_m(m: jax.Array, shape: tuple[int, ...]) -> quantize.Quantized:
-        # Blocks run along the last non-unit axis: size-1 axes (1x1 convs) are dropped first.
-        squeezed = tuple(d for d in shape if d != 1)
-        q = quantize.quantize_blockwise(m.reshape(squeezed), scheme)
+        q = quantize.quantize_blockwise(m.reshape(_block_view(shape)), scheme)
         return q._replace(codes=q.codes.reshape(shape))
 
     def dequantize_m(q: quantize.Quantized, shape: tuple[int, ...]) -> jax.Array:
-        squeezed = tuple(d for d in shape if d != 1)
-        m = quantize.dequantize_blockwise(q._replace(codes=q.codes.reshape(squeezed)), scheme)
+        m = quantize.dequantize_blockwise(q._replace(codes=q.codes.reshape(_block_view(shape))), scheme)
         return m.reshape(shape)
 
     def init_leaf(path, p):

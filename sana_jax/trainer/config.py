@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from sana_jax.data.pipeline import DataConfig
 from sana_jax.model import PRESETS
 from sana_jax.trainer.optimizers import OPTIMIZERS, SCHEDULES
 
@@ -45,7 +46,7 @@ def default_config() -> ConfigDict:
         "shift": 1.0, "logit_mean": 0.0, "logit_std": 1.0, "grad_accum": 1, "ema_decay": 0.0,
         "compute_dtype": "float32", "remat": "none",
     })
-    c.sampling = ConfigDict({
+    c.sampling = ConfigDict({  # num_prompts 0: no sampling
         "num_prompts": 32, "grid_size": 16, "num_steps": 20, "guidance_scale": 4.5, "shift": 1.0,
         "solver": "flow_dpm_solver", "eval_seed": 1234,
     })
@@ -71,13 +72,17 @@ def prune_defaults() -> ConfigDict:
     })
 
 
+# Sections checked elsewhere: model overrides by SanaConfig, data by DataConfig.
+_FREE_SECTIONS = ("overrides", "data")
+
+
 def _check_fields(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in schema:
             raise ValueError(f"unknown config field {name!r}; known fields here: {sorted(schema.keys())}")
         value, default = config[key], schema[key]
-        if isinstance(default, ConfigDict) and key != "overrides" and value is not None:
+        if isinstance(default, ConfigDict) and key not in _FREE_SECTIONS and value is not None:
             if not isinstance(value, ConfigDict):
                 raise ValueError(f"config field {name!r} must be a section, got {value!r}")
             _check_fields(value, default, name + ".")
@@ -98,6 +103,10 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
                 value = value[part]
             raise ValueError(f"config.{field}={value!r}: expected {expected}")
 
+    try:
+        DataConfig.from_mapping(config.data)
+    except ValueError as error:
+        raise ValueError(f"config.data: {error}") from None
     for field in ("steps", "batch_size", "log_every", "checkpoint_every"):
         require(isinstance(config[field], int) and config[field] > 0, field, "a positive integer")
     require(config.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import grain
@@ -22,8 +21,6 @@ from sana_jax.model import SanaConfig, init_params, preset
 from sana_jax.trainer import monitor, sharding
 from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
 from sana_jax.trainer.step import init_train_state, make_train_step
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"  # the final weights (EMA when enabled) as a sana_jax.checkpoint
@@ -104,7 +101,7 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
         restored = manager.restore(start, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
         state = restored.state
-        log.info("resumed %s from step %d", workdir, start)
+        tqdm.write(f"resumed {workdir} from step {start}")
     else:
         start = 0
         if params is None:
@@ -128,6 +125,8 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
             meta=ocp.args.JsonSave(meta)))
 
     def sample(step: int) -> None:
+        if not config.sampling.num_prompts:
+            return
         eval_params = state["ema_params"] if use_ema else state["params"]
         metrics = sample_and_score(eval_params, model_config, data_config, config.sampling,
                                    workdir / "samples" / f"step_{step:06d}.png", title=f"{stage} step {step}")

@@ -64,7 +64,7 @@ def make_train_step(config: SanaConfig, tx: optax.GradientTransformation, schedu
                 state["ema_params"], new_state["params"])
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state["step"]),
             "skipped": 1 - opt_state.last_finite.astype(jnp.int32),
             "nonfinite_in_a_row": opt_state.notfinite_count,

@@ -1,0 +1,150 @@
+"""Model pieces against independent references, and the forward's contract (jit, vmap, grad, remat, errors).
+
+Parity of the whole forward with diffusers is in test_model_parity.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sana_jax.model import SanaConfig, forward, forward_with_hidden, init_params, logical_axes, preset
+from sana_jax.model.transformer import depthwise_conv3x3, layer_norm, timestep_embedding
+
+CONFIG = dataclasses.replace(preset("tiny"), depth=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = init_params(CONFIG, jax.random.key(0))
+    # proj_out and the cross-attention output start at zero; make every weight count.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape)
+                                          for leaf, k in zip(leaves, keys, strict=True)])
+    rng = np.random.default_rng(0)
+    inputs = (rng.standard_normal((2, 6, 10, 4)).astype(np.float32), np.array([999.0, 17.0], np.float32),
+              rng.standard_normal((2, 5, 12)).astype(np.float32), np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    return params, inputs
+
+
+def test_timestep_embedding_matches_float64_sinusoid():
+    t = np.array([0.0, 1.0, 136.0, 999.0], np.float32)
+    exponent = np.float32(-math.log(10000.0)) * np.arange(128, dtype=np.float32) / np.float32(128)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)  # correctly rounded, as the references
+    angles = (t[:, None] * freqs[None]).astype(np.float64)  # the float32 angle, then an exact cos/sin
+    expected = np.concatenate([np.cos(angles), np.sin(angles)], axis=-1)
+    np.testing.assert_allclose(np.asarray(jax.jit(timestep_embedding)(t)), expected, atol=1e-6)
+
+
+def test_depthwise_conv_and_its_gradient_match_grouped_convolution():
+    rng = np.random.default_rng(1)
+    x, kernel, bias = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 7, 6), (3, 3, 6), (6,)))
+
+    def grouped(x, kernel, bias):
+        return jax.lax.conv_general_dilated(x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=6, precision="highest") + bias
+
+    np.testing.assert_allclose(depthwise_conv3x3(x, kernel, bias), grouped(x, kernel, bias), atol=1e-5)
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+    ours = jax.grad(loss(depthwise_conv3x3), argnums=(0, 1, 2))(x, kernel, bias)
+    reference = jax.grad(loss(grouped), argnums=(0, 1, 2))(x, kernel, bias)
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_layer_norm_matches_numpy():
+    x = np.random.default_rng(2).standard_normal((3, 4, 16)).astype(np.float32) * 5 + 2
+    x64 = x.astype(np.float64)
+    expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(layer_norm(x), expected, atol=1e-5)
+
+
+def test_forward_jits_vmaps_and_differentiates(model):
+    params, (x, t, text, mask) = model
+    out = jax.jit(forward)(params, CONFIG, x, t, text, mask)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    # vmap over single examples equals the batched call.
+    single = jax.vmap(lambda *a: forward(params, CONFIG, *(b[None] for b in a))[0])(x, t, text, mask)
+    np.testing.assert_allclose(single, out, atol=1e-5)
+    grads = jax.grad(lambda p: jnp.mean(forward(p, CONFIG, x, t, text, mask) ** 2))(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["blocks"]["ff"]["conv_depth"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_rematerialisation_changes_nothing(model, remat):
+    params, (x, t, text, mask) = model
+    loss = lambda cfg: lambda p: jnp.mean(forward(p, cfg, x, t, text, mask) ** 2)
+    ref_loss, ref_grads = jax.value_and_grad(loss(CONFIG))(params)
+    got_loss, got_grads = jax.value_and_grad(loss(dataclasses.replace(CONFIG, remat=remat)))(params)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_hidden_states_bracket_every_block(model):
+    params, (x, t, text, mask) = model
+    out, hidden = forward_with_hidden(params, CONFIG, x, t, text, mask)
+    assert hidden.shape == (CONFIG.depth + 1, 2, 60, CONFIG.hidden)
+    np.testing.assert_allclose(out, forward(params, CONFIG, x, t, text, mask), atol=1e-6)
+    # A model cut after its first block sees the same residual stream up to there.
+    one_block = jax.tree.map(lambda a: a[:1], params["blocks"])
+    _, hidden_1 = forward_with_hidden({**params, "blocks": one_block}, dataclasses.replace(CONFIG, depth=1),
+                                      x, t, text, mask)
+    np.testing.assert_allclose(hidden_1, hidden[:2], atol=1e-6)
+
+
+def test_masked_text_tokens_are_ignored(model):
+    params, (x, t, text, mask) = model
+    changed = text.copy()
+    changed[0, 3:] = 100.0  # the masked tail of the first caption
+    np.testing.assert_allclose(forward(params, CONFIG, x, t, changed, mask), forward(params, CONFIG, x, t, text, mask),
+                               atol=1e-5)
+
+
+def test_bf16_params_and_compute_stay_close(model):
+    params, (x, t, text, mask) = model
+    reference = forward(params, CONFIG, x, t, text, mask)
+    config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", param_dtype="bfloat16")
+    got = forward(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), config, x, t, text, mask)
+    assert got.dtype == jnp.float32
+    assert float(jnp.abs(got - reference).max() / jnp.abs(reference).max()) < 0.05
+
+
+def test_every_weight_has_logical_axes():
+    axes = logical_axes(CONFIG)
+    shapes = jax.eval_shape(init_params, CONFIG, jax.random.key(0))
+    for spec, leaf in zip(jax.tree.leaves(axes, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
+                          jax.tree.leaves(shapes), strict=True):
+        assert len(spec) == len(leaf.shape)
+    assert axes["blocks"]["attn1"]["to_q"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"qk_norm": "layer_norm"}, "qk_norm"),
+    ({"depth": 0}, "depth=0"),
+    ({"cross_num_heads": 3}, "cross_num_heads"),
+    ({"compute_dtype": "float16"}, "compute_dtype"),
+])
+def test_bad_config_values_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(CONFIG, **change)
+
+
+def test_bad_inputs_are_named(model):
+    params, (x, t, text, mask) = model
+    with pytest.raises(ValueError, match="channels"):
+        forward(params, CONFIG, x[..., :3], t, text, mask)
+    with pytest.raises(ValueError, match="patch_size=2"):
+        forward(params, dataclasses.replace(CONFIG, patch_size=2), x[:, :5], t, text, mask)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("sana_9000m")
+    with pytest.raises(ValueError, match="unknown SanaConfig fields"):
+        SanaConfig.from_dict({"depth": 2, "width": 3})

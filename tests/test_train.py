@@ -1,0 +1,211 @@
+"""The trainer: resume exactness, crash during a save, sharding equivalence, and bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from sana_jax import checkpoint
+from sana_jax.trainer import default_config, train, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**changes) -> ConfigDict:
+    c = default_config()
+    c.steps = 4
+    c.batch_size = 8
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.async_checkpointing = False
+    c.model.overrides = {"depth": 2, "num_heads": 2, "head_dim": 8, "cross_num_heads": 2, "cross_head_dim": 8}
+    c.optimizer.warmup_steps = 1
+    c.sampling.num_prompts = 0
+    for key, value in changes.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return c
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_trees_close(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Four steps in one go: the reference for the resume tests."""
+    workdir = tmp_path_factory.mktemp("straight")
+    _, params = train(tiny_config(), workdir)
+    return workdir, params
+
+
+def test_loss_falls_and_outputs_written(straight_run):
+    workdir, params = straight_run
+    metrics = read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+    config, saved = checkpoint.load(workdir / "model")
+    assert config.depth == 2
+    assert_trees_close(saved, params, atol=0)
+
+
+def test_resume_equals_uninterrupted_run(straight_run, tmp_path):
+    workdir, params = straight_run
+    train(tiny_config(steps=2), tmp_path)  # stop after 2 steps (a checkpoint at 2)
+    _, resumed = train(tiny_config(), tmp_path)  # the same command again, with the full step count
+    assert_trees_close(resumed, params, atol=1e-6)
+    first, second = read_metrics(workdir), read_metrics(tmp_path)
+    assert [m["step"] for m in second] == [1, 2, 3, 4]
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_during_save_resumes_from_previous_checkpoint(straight_run, tmp_path):
+    """SIGKILL while the step-4 checkpoint is being written: the rerun resumes from step 2."""
+    workdir, params = straight_run
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from test_train import tiny_config
+        from sana_jax.trainer import train
+
+        import grain.checkpoint
+        original = grain.checkpoint.CheckpointHandler.save
+        def save_then_die(self, directory, *args, **kwargs):
+            original(self, directory, *args, **kwargs)
+            if any(part.split(".")[0] == "4" for part in directory.parts):  # step 4 is half written
+                os.kill(os.getpid(), signal.SIGKILL)
+        grain.checkpoint.CheckpointHandler.save = save_then_die
+        train(tiny_config(), {str(tmp_path)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    complete = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert "2" in complete and "4" not in complete
+    _, resumed = train(tiny_config(), tmp_path)
+    assert_trees_close(resumed, params, atol=1e-6)
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
+    # An absurd learning rate makes the parameters overflow; every later gradient is non-finite.
+    config = tiny_config(steps=12, **{"optimizer.name": "adamw", "optimizer.lr": 1e30,
+                                      "max_nonfinite_in_a_row": 3, "checkpoint_every": 100})
+    with pytest.raises(FloatingPointError, match="in a row had a non-finite"):
+        train(config, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert any(m["skipped"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model.nonsense": 1}, "unknown config field 'model.nonsense'"),
+    ({"optimizer.name": "sgd"}, "optimizer.name='sgd'"),
+    ({"batch_size": 6, "training.grad_accum": 4}, "batch_size=6"),
+    ({"mesh.data": 3}, "mesh data=3"),
+    ({"steps": 0}, "config.steps=0"),
+    ({"data.resolutoin": 64}, "unknown data config keys"),
+    ({"data.source": "array_record"}, "data_dir is required"),
+])
+def test_bad_configs_fail_before_compiling(change, message):
+    config = tiny_config()
+    with config.unlocked():
+        for key, value in change.items():
+            section, _, leaf = key.rpartition(".")
+            (config[section] if section else config)[leaf] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(config, num_devices=jax.device_count())
+
+
+def test_missing_data_path_is_named(tmp_path):
+    config = tiny_config(**{"data.source": "array_record"})
+    with config.data.unlocked():
+        config.data.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
+        train(config, tmp_path / "run")
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import jax
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_train import tiny_config
+from sana_jax.trainer import train
+
+results = {{}}
+for data, fsdp in [(1, 1), (8, 1), (2, 4), (1, 8)]:
+    devices = 1 if (data, fsdp) == (1, 1) else 8
+    config = tiny_config(steps=3, **{{"mesh.data": data, "mesh.fsdp": fsdp}})
+    workdir = {workdir!r} + f"/{{data}}x{{fsdp}}"
+    if devices == 1:
+        # one device: a mesh of the first device only
+        import sana_jax.trainer.sharding as sh
+        original = sh.make_mesh
+        sh.make_mesh = lambda d, f: jax.make_mesh((1, 1), sh.MESH_AXES, devices=jax.devices()[:1],
+                                                  axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    _, params = train(config, workdir)
+    if devices == 1:
+        sh.make_mesh = original
+    kernel = params["blocks"]["attn1"]["to_q"]["kernel"]
+    losses = [json.loads(l)["loss"] for l in open(workdir + "/metrics.jsonl")]
+    results[f"{{data}}x{{fsdp}}"] = {{
+        "losses": losses,
+        "leaf": np.asarray(kernel).ravel()[:64].tolist(),
+        "spec": str(kernel.sharding.spec) if hasattr(kernel.sharding, "spec") else "",
+        "shard_shape": list(kernel.sharding.shard_shape(kernel.shape)),
+    }}
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_sharded_meshes_match_one_device(tmp_path):
+    script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), workdir=str(tmp_path))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    reference = results.pop("1x1")
+    for name, got in results.items():
+        np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got["leaf"], reference["leaf"], atol=1e-5, err_msg=name)
+    # FSDP really shards the hidden width: (depth, D, D) kernels hold D / fsdp rows per device.
+    assert results["2x4"]["shard_shape"] == [2, 16 // 4, 16]
+    assert results["1x8"]["shard_shape"] == [2, 16 // 8, 16]
+    assert results["8x1"]["shard_shape"] == [2, 16, 16]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py"),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem.replace(".", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if config.data.source == "array_record":  # real-data configs name their shards on the command line
+        config.data.data_dir = "/data/shards"
+    validate(config, num_devices=8)
+    for field in ("steps", "batch_size", "seed", "log_every", "checkpoint_every"):
+        assert field in config
+    assert "data" in config.mesh and "fsdp" in config.mesh
