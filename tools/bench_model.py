@@ -104,11 +104,11 @@ def bench_diffusers(config, batch: int, latent: int, text_len: int, repeats: int
     if compile_:
         variants.append(("torch.compile", torch.compile(model)))
     for label, net in variants:
-        def fwd():
+        def fwd(net=net):
             with torch.no_grad():
                 return net(latents, text, timesteps, encoder_attention_mask=mask).sample
 
-        def fwd_bwd():
+        def fwd_bwd(net=net):
             net.zero_grad(set_to_none=True)
             out = net(latents, text, timesteps, encoder_attention_mask=mask).sample
             torch.mean(torch.square(out - latents)).backward()

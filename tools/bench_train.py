@@ -1,0 +1,86 @@
+"""Times the training step of a config: steps/s, images/s, achieved TFLOP/s and (on GPU) MFU.
+
+The step is the trainer's own (flow-matching loss, optimizer, clipping, EMA) on one device, fed
+synthetic batches of the data's shapes so that input reading is not measured.
+
+  python tools/bench_train.py --config=configs/pretrain.py
+  python tools/bench_train.py --config=configs/sana1.5_1600m.py --batch=8 --config.data.data_dir=... (GPU)
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from sana_jax.data.pipeline import DataConfig
+from sana_jax.model import init_params
+from sana_jax.trainer.loop import model_config_for
+from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
+from sana_jax.trainer.step import init_train_state, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "a training config")
+_BATCH = flags.DEFINE_integer("batch", 0, "batch size (0: the config's)")
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "the device's peak, for MFU (0: known GPUs only)")
+
+# Dense bf16 peaks of the cards this project is measured on.
+KNOWN_PEAKS = {"H100": 989.0, "H200": 989.0}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    batch_size = _BATCH.value or config.batch_size
+    data_config = DataConfig.from_mapping(config.data)
+    model_config = model_config_for(config, data_config)
+    tx = make_optimizer(config.optimizer, config.steps)
+    schedule = learning_rate_schedule(config.optimizer, config.steps)
+    params = jax.jit(init_params, static_argnums=0)(model_config, jax.random.key(0))
+    state = jax.jit(lambda p: init_train_state(p, tx, ema=config.training.ema_decay > 0))(params)
+    step = jax.jit(make_train_step(model_config, tx, schedule, seed=0, shift=config.training.shift,
+                                   logit_mean=config.training.logit_mean, logit_std=config.training.logit_std,
+                                   grad_accum=config.training.grad_accum, ema_decay=config.training.ema_decay),
+                   donate_argnums=0)
+    side = model_config.sample_size
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": jnp.asarray(rng.standard_normal((batch_size, side, side, model_config.in_channels)), jnp.float32),
+        "text": jnp.asarray(rng.standard_normal((batch_size, 300 if model_config.caption_channels == 2304 else 16,
+                                                  model_config.caption_channels)), jnp.float32),
+    }
+    batch["text_mask"] = jnp.ones(batch["text"].shape[:2], jnp.int32)
+
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    for _ in range(2):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / _STEPS.value
+
+    device = jax.devices()[0]
+    peak = _PEAK_TFLOPS.value or next((v for k, v in KNOWN_PEAKS.items() if k in device.device_kind), 0.0)
+    tflops = flops / seconds / 1e12
+    print(f"device={device.device_kind} backend={jax.default_backend()} model={config.model.preset} "
+          f"depth={model_config.depth} hidden={model_config.hidden} batch={batch_size} "
+          f"latent={side}x{side} optimizer={config.optimizer.name} dtype={model_config.compute_dtype}")
+    print(f"{'compile s':>10} {'ms/step':>9} {'steps/s':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    mfu = f"{tflops / peak:.1%}" if peak else "-"
+    print(f"{compile_s:>10.1f} {seconds * 1e3:>9.1f} {1 / seconds:>8.2f} {batch_size / seconds:>9.1f} "
+          f"{tflops:>8.4f} {mfu:>6}")
+
+
+if __name__ == "__main__":
+    app.run(main)
