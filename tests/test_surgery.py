@@ -102,7 +102,7 @@ def test_partial_preservation_keeps_weights_and_draws_sana_init(params, grown):
     for names, std in [(("attn1", "to_q", "kernel"), 0.02), (("ff", "conv_inverted", "kernel"), 0.02),
                        (("scale_shift_table",), 0.02), (("ff", "conv_depth", "kernel"), 0.2)]:
         fresh = blocks[names][4:]
-        assert abs(fresh.std() / std - 1) < 0.15 and abs(fresh.mean()) < 0.2 * std, names
+        assert abs(fresh.std() / std - 1) < 0.2 and abs(fresh.mean()) < 0.3 * std, names
         assert not np.array_equal(fresh[0], fresh[1]), names
     for key in ("patch_embed", "time_embed", "caption_projection", "caption_norm", "proj_out"):
         jax.tree.map(np.testing.assert_array_equal, new[key], params[key])

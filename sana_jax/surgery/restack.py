@@ -48,6 +48,9 @@ class DepthPlan:
     zeroed: tuple[int, ...] = ()
 
     def __post_init__(self):
+        # Tuples of Python ints keep the plan hashable: it is a static argument of `restack`.
+        object.__setattr__(self, "sources", tuple(int(i) for i in self.sources))
+        object.__setattr__(self, "zeroed", tuple(int(i) for i in self.zeroed))
         if not (isinstance(self.depth, int) and self.depth > 0):
             raise ValueError(f"DepthPlan.depth={self.depth!r}: expected a positive integer")
         bad = [i for i in self.sources if not 0 <= i < self.depth]
