@@ -65,16 +65,13 @@ def sample_from_noise(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "height", "width", "num_steps", "guidance_scale", "shift",
-                                             "solver", "mesh"))
+                                             "solver"))
 def _sample_chunk(params, config: SanaConfig, text, text_mask, null_text, null_mask, key, prompt_ids,
-                  candidate_ids, *, height, width, num_steps, guidance_scale, shift, solver, mesh):
+                  candidate_ids, *, height, width, num_steps, guidance_scale, shift, solver):
     """Latents (P, n, h, w, C) of the n candidates `candidate_ids` (n,) of prompts `prompt_ids` (P,)."""
     shape = (height, width, config.in_channels)
     per_prompt = jax.vmap(candidate_noise, in_axes=(None, 0, None, None))
     noise = jax.vmap(per_prompt, in_axes=(None, None, 0, None))(key, prompt_ids, candidate_ids, shape)
-    if mesh is not None:
-        noise = jax.lax.with_sharding_constraint(
-            noise, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     sample = functools.partial(sample_from_noise, params, config, text=text, text_mask=text_mask,
                                null_text=null_text, null_mask=null_mask, num_steps=num_steps,
                                guidance_scale=guidance_scale, shift=shift, solver=solver)
@@ -116,7 +113,7 @@ def generate_candidates(
       prompt_ids: the ids p of the P prompts (default 0..P-1), to regenerate some prompts of a larger set.
       first_candidate: id of the first candidate; candidates `first_candidate + 0..N-1` are drawn.
       mesh: when given, the candidates of a chunk are sharded over its "data" axis (chunk_size must be
-        a multiple of that axis' size).
+        a multiple of that axis' size) and the model and captions are replicated over the mesh.
 
     Returns:
       (P, N, height, width, config.in_channels) float32 latents.
@@ -139,11 +136,18 @@ def generate_candidates(
     if prompt_ids.shape != (len(text),):
         raise ValueError(f"prompt_ids of shape {prompt_ids.shape}: expected one id per prompt ({len(text)},)")
 
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params, text, text_mask, null_text, null_mask, key, prompt_ids = jax.device_put(
+            (params, text, text_mask, null_text, null_mask, key, prompt_ids), replicated)
+
     chunks = []
     for start in range(0, num_candidates, chunk_size):
         ids = first_candidate + start + np.arange(chunk_size)  # The last chunk runs padded ids too.
+        if mesh is not None:
+            ids = jax.device_put(ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
         latents = _sample_chunk(params, config, text, text_mask, null_text, null_mask, key, prompt_ids, ids,
                                 height=height, width=width, num_steps=num_steps, guidance_scale=guidance_scale,
-                                shift=shift, solver=solver, mesh=mesh)
+                                shift=shift, solver=solver)
         chunks.append(np.asarray(latents))
     return np.concatenate(chunks, axis=1)[:, :num_candidates]

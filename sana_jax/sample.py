@@ -1,0 +1,166 @@
+"""Inference-time scaling from the command line: N candidates per prompt, judged, the best k kept.
+
+  python -m sana_jax.sample --checkpoint=DIR --prompt="a red circle" --num_candidates=8 --keep=1 \
+      --verifier=checker --out=DIR
+
+Writes to --out, per prompt p (numbered from 0 in the order given):
+  p{p:03d}_keep{r}.png    the r-th kept candidate (best first for best_of_n, bracket order for knockout);
+  p{p:03d}_sheet.png      all candidates with their scores, kept ones framed green, the rest red;
+and scores.json: the settings and, per prompt, its text, N scores and the kept candidate indices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sana_jax import checkpoint
+from sana_jax.data.pipeline import DataConfig, make_autoencoder, make_text_encoder
+from sana_jax.scaling import search
+from sana_jax.scaling.candidates import generate_candidates
+from sana_jax.trainer.monitor import save_grid
+
+VERIFIERS = ("checker", "learned", "clip", "vlm")
+TEXT_ENCODERS = ("shapes", "gemma")
+AUTOENCODERS = ("shapes", "dcae")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory of sana_jax.checkpoint.save")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument("--prompts_file", help="a text file of prompts, one per line")
+    parser.add_argument("--num_candidates", type=int, default=8, help="N, candidates per prompt")
+    parser.add_argument("--keep", type=int, default=1, help="k, candidates kept per prompt")
+    parser.add_argument("--verifier", default="checker", help=f"one of {VERIFIERS}")
+    parser.add_argument("--verifier_path", help="weights of the learned, clip or vlm verifier")
+    parser.add_argument("--method", default="best_of_n", help=f"one of {search.METHODS} (knockout needs vlm)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=4.5)
+    parser.add_argument("--shift", type=float, default=3.0)
+    parser.add_argument("--solver", default="flow_dpm_solver")
+    parser.add_argument("--chunk_size", type=int, help="candidates sampled at once (default: all N)")
+    parser.add_argument("--resolution", type=int, default=DataConfig.resolution, help="image side in pixels")
+    parser.add_argument("--text_encoder", default="shapes", choices=TEXT_ENCODERS)
+    parser.add_argument("--text_encoder_path", help="a Gemma-2 checkpoint for --text_encoder=gemma")
+    parser.add_argument("--autoencoder", default="shapes", choices=AUTOENCODERS)
+    parser.add_argument("--autoencoder_path", help="a diffusers AutoencoderDC folder for --autoencoder=dcae")
+    args = parser.parse_args(argv)
+
+    if args.verifier not in VERIFIERS:
+        parser.error(f"--verifier={args.verifier!r}: expected one of {VERIFIERS}")
+    if args.method not in search.METHODS:
+        parser.error(f"--method={args.method!r}: expected one of {search.METHODS}")
+    if args.method == "knockout" and args.verifier != "vlm":
+        parser.error(f"--method=knockout compares yes/no logits: it needs --verifier=vlm, not {args.verifier!r}")
+    if args.verifier != "checker" and not args.verifier_path:
+        parser.error(f"--verifier={args.verifier} needs --verifier_path")
+    if not 1 <= args.keep <= args.num_candidates:
+        parser.error(f"--keep={args.keep} with --num_candidates={args.num_candidates}: expected "
+                     "1 <= keep <= num_candidates")
+    for name, path in (("text_encoder", args.text_encoder_path), ("autoencoder", args.autoencoder_path)):
+        if getattr(args, name) != "shapes" and not path:
+            parser.error(f"--{name}={getattr(args, name)} needs --{name}_path")
+    if not Path(args.checkpoint, checkpoint.CONFIG_FILE).is_file():
+        parser.error(f"--checkpoint={args.checkpoint}: no checkpoint there (expected a directory holding "
+                     f"{checkpoint.CONFIG_FILE})")
+    if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            parser.error(f"--prompts_file={args.prompts_file}: no such file")
+        args.prompt += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not args.prompt:
+        parser.error("no prompts: give --prompt and/or --prompts_file")
+    return args
+
+
+def _text_encoder(args: argparse.Namespace) -> Any:
+    if args.text_encoder == "gemma":
+        from sana_jax.text_encoder import GemmaTextEncoder
+
+        return GemmaTextEncoder(args.text_encoder_path)
+    return make_text_encoder(DataConfig())
+
+
+def _autoencoder(args: argparse.Namespace) -> Any:
+    if args.autoencoder == "dcae":
+        from sana_jax.autoencoder import DCAE
+
+        return DCAE.from_pretrained(args.autoencoder_path)
+    return make_autoencoder(DataConfig())
+
+
+def _verifier(args: argparse.Namespace, text_encoder: Any) -> Any:
+    from sana_jax.scaling import learned_verifier, verifiers
+
+    if args.verifier == "checker":
+        return verifiers.CheckerVerifier()
+    if args.verifier == "learned":
+        return learned_verifier.LearnedVerifier(*learned_verifier.load(args.verifier_path), text_encoder)
+    if args.verifier == "clip":
+        return verifiers.ClipScorer(args.verifier_path)
+    return verifiers.VLMJudge(args.verifier_path)
+
+
+def judge(verifier: Any, images: np.ndarray, prompt: str, keep: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) of one prompt's candidate images (N, H, W, 3) and the kept indices (keep,).
+
+    For "knockout" the score is the judge's yes-minus-no logit and the kept ones win SANA's tournament.
+    """
+    prompts = [prompt] * len(images)
+    if method == "knockout":
+        yes, no = verifier.yes_no_logits(images, prompts)
+        return yes - no, search.knockout(yes[None], no[None], keep)[0]
+    scores = np.asarray(verifier.score(images, prompts), np.float32)
+    return scores, search.best_of_n(scores[None], keep)[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config, params = checkpoint.load(args.checkpoint)
+    text_encoder, autoencoder = _text_encoder(args), _autoencoder(args)
+    verifier = _verifier(args, text_encoder)
+    if args.resolution % autoencoder.downsample:
+        raise ValueError(f"--resolution={args.resolution}: expected a multiple of the autoencoder's "
+                         f"downsampling factor {autoencoder.downsample}")
+    side = args.resolution // autoencoder.downsample
+    null_text, null_mask = (x[0] for x in text_encoder.encode_text([""]))
+    key = jax.random.key(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for p, prompt in enumerate(tqdm(args.prompt, desc="prompts")):
+        text, mask = text_encoder.encode_text([prompt])
+        latents = generate_candidates(
+            params, config, text, mask, null_text, null_mask, key, num_candidates=args.num_candidates,
+            height=side, width=side, chunk_size=args.chunk_size, num_steps=args.num_steps,
+            guidance_scale=args.guidance_scale, shift=args.shift, solver=args.solver, prompt_ids=[p])[0]
+        images = np.clip(np.asarray(autoencoder.decode(latents), np.float32), 0.0, 1.0)
+        scores, kept = judge(verifier, images, prompt, args.keep, args.method)
+        files = []
+        for rank, i in enumerate(kept):
+            files.append(f"p{p:03d}_keep{rank}.png")
+            Image.fromarray(np.round(images[i] * 255).astype(np.uint8)).save(out / files[-1])
+        labels = [f"#{i} score {s:.3f}" + (" kept" if i in kept else "") for i, s in enumerate(scores)]
+        save_grid(out / f"p{p:03d}_sheet.png", images, labels, verdicts=[i in kept for i in range(len(images))],
+                  title=prompt)
+        results.append({"prompt": prompt, "scores": scores.tolist(), "selected": kept.tolist(), "files": files})
+
+    settings = {k: v for k, v in vars(args).items() if k != "prompt"}
+    (out / "scores.json").write_text(json.dumps({"settings": settings, "prompts": results}, indent=2) + "\n")
+    print(f"wrote {len(results)} prompts' kept images, contact sheets and scores.json to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
