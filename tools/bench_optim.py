@@ -30,7 +30,7 @@ def optimizers(lr: float = 1e-4) -> dict[str, optax.GradientTransformation]:
         "AdamW (optax)": optax.adamw(lr, weight_decay=0.01),
         "Adafactor (optax)": optax.adafactor(lr),
         "CAME fp32": came(lr, weight_decay=0.01),
-        "CAME-8bit (dynamic, 256)": came(lr, weight_decay=0.01, eight_bit=True),
+        "CAME-8bit (dynamic, rows)": came(lr, weight_decay=0.01, eight_bit=True),
         "CAME-8bit (SANA min-max)": came(lr, weight_decay=0.01, eight_bit=True, scheme=SANA_SCHEME),
     }
 

@@ -24,7 +24,8 @@ import optax
 from sana_jax.optim import quantize
 from sana_jax.optim.factoring import Factoring, FactoringRule, KeyPath, sana_factoring
 
-DEFAULT_SCHEME = quantize.Scheme(code="dynamic", block_size=256)
+# Dynamic-tree code with one absmax per row: measured in docs/optim.md.
+DEFAULT_SCHEME = quantize.Scheme(code="dynamic", block_size=None)
 SANA_MIN_8BIT_SIZE = 16384
 
 
@@ -41,8 +42,11 @@ class FactoredMoments(NamedTuple):
 
 
 class ScaleByCameState(NamedTuple):
-    """mu: per leaf the first moment, float32 or `quantize.Quantized`.
-    nu: per leaf `FactoredMoments` or the full float32 EMA of g^2."""
+    """State of `scale_by_came`; both fields have the params' tree structure above their leaves.
+
+    mu: per leaf the first moment, float32 or `quantize.Quantized`.
+    nu: per leaf `FactoredMoments` or the full float32 EMA of g^2.
+    """
 
     mu: Any
     nu: Any
@@ -91,6 +95,12 @@ def scale_by_came(
       eight_bit: store m of factored leaves above `min_8bit_size` elements per layer in 8 bits.
       scheme: the 8-bit code and block layout; `quantize.SANA_SCHEME` is SANA's uint8 min-max.
       min_8bit_size: layers with at most this many elements keep a float32 m.
+
+    Sharding: every state array keeps the axes of its parameter (statistics drop one matrix axis, 8-bit
+    scales replace the last axis by its blocks; SANA's scheme also drops the row axis), so it shards
+    along the same mesh axes. `init` run
+    outside jit on sharded params returns a state sharded that way; under jit give `out_shardings`.
+    `jax.eval_shape(init, params)` allocates nothing.
     """
     for name, value in (("b1", b1), ("b2", b2), ("b3", b3)):
         if not 0.0 <= value <= 1.0:

@@ -1,9 +1,9 @@
 """Block-wise 8-bit quantisation of float32 arrays, as pure jnp functions.
 
 An array is cut into blocks of `block_size` consecutive elements along its last axis (the tail block is
-shorter when `block_size` does not divide it); each block keeps one or two float32 numbers and every
-element one byte. The codes array keeps the input's shape, so it shards like the input; the per-block
-numbers have shape (..., num_blocks).
+shorter when `block_size` does not divide it; None makes each row one block); each block keeps one or
+two float32 numbers and every element one byte. The codes array keeps the input's shape, so it shards
+like the input; the per-block numbers have shape (..., num_blocks).
 
 Codes:
   "dynamic": signed dynamic-tree code (Dettmers et al., 8-bit optimizers): 256 levels in [-1, 1] with
@@ -34,14 +34,14 @@ class Scheme:
     """An 8-bit code and its block layout (see the module docstring)."""
 
     code: str = "dynamic"
-    block_size: int = 256
+    block_size: int | None = None  # None: one block per row (the whole last axis)
     whole_columns: bool = False
 
     def __post_init__(self):
         if self.code not in CODES:
             raise ValueError(f"Scheme.code={self.code!r}: expected one of {CODES}")
-        if not (isinstance(self.block_size, int) and self.block_size > 0):
-            raise ValueError(f"Scheme.block_size={self.block_size!r}: expected a positive integer")
+        if self.block_size is not None and not (isinstance(self.block_size, int) and self.block_size > 0):
+            raise ValueError(f"Scheme.block_size={self.block_size!r}: expected a positive integer or None")
 
 
 SANA_SCHEME = Scheme(code="minmax", block_size=2048, whole_columns=True)
@@ -102,7 +102,7 @@ def _to_blocks(x: jax.Array, scheme: Scheme) -> jax.Array:
     """(..., n) -> (..., num_blocks, min(block_size, n)); a short tail block is padded with its last
     element, which changes neither its absmax nor its min and max."""
     n = x.shape[-1]
-    block_size = min(scheme.block_size, n)
+    block_size = n if scheme.block_size is None else min(scheme.block_size, n)
     num_blocks = -(-n // block_size)
     pad = num_blocks * block_size - n
     if pad:
@@ -127,7 +127,7 @@ def _check_input(x: jax.Array, scheme: Scheme):
 
 
 def quantize_blockwise(x: jax.Array, scheme: Scheme) -> Quantized:
-    """Quantises `x` (..., n) to 8 bits per element; all-zero and constant blocks are exact."""
+    """Quantises `x` (..., n) to 8 bits per element; all-zero blocks decode to exact zeros."""
     _check_input(x, scheme)
     x = x.astype(jnp.float32)
     blocks = _to_blocks(x, scheme)
