@@ -23,6 +23,8 @@ def get_config() -> ConfigDict:
     c.steps = 300
     c.sample_every = 150
     c.optimizer.name = "came_8bit"
-    c.optimizer.lr = 5e-4
-    c.optimizer.warmup_steps = 20
+    # A fresh optimizer at the base's 1e-3 jolts the preserved blocks (held-out loss up 25% in the first 125
+    # steps); 3e-4 continues smoothly (docs/growth.md).
+    c.optimizer.lr = 3e-4
+    c.optimizer.warmup_steps = 40
     return c

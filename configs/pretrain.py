@@ -10,18 +10,24 @@ from sana_jax.trainer.config import default_config
 
 def get_config() -> ConfigDict:
     c = default_config()
-    c.steps = 400
+    c.steps = 1500
     c.batch_size = 16
-    c.log_every = 20
-    c.checkpoint_every = 100
-    c.sample_every = 200
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.sample_every = 500
+    c.eval_every = 250
     # 4 SANA 1.5 blocks of width 64 (2 heads x 32); channels follow the data (8x8x48 latents, 64-d text).
+    # The caption norm starts at 1 rather than SANA's 0.01 (with 0.01 a run this short learns to ignore
+    # the text: the norm's weight shrinks to 0.003); the unrolled block loop is 2x faster on CPU.
     c.model.preset = "tiny"
-    c.model.overrides = {"depth": 4, "num_heads": 2, "head_dim": 32, "cross_num_heads": 2, "cross_head_dim": 32}
+    c.model.overrides = {"depth": 4, "num_heads": 2, "head_dim": 32, "cross_num_heads": 2, "cross_head_dim": 32,
+                         "caption_norm_init": 1.0, "unroll_blocks": True}
     c.data.resolution = 32
     c.optimizer.name = "came"
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 40
     c.training.shift = 1.0
-    c.sampling.num_prompts = 32
+    c.sampling.num_prompts = 64
+    # Sampled without guidance: a model this briefly trained is judged better at scale 1 than at 4.5.
+    c.sampling.guidance_scale = 1.0
     return c

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sana_jax.model.config import SanaConfig
 
@@ -21,14 +22,20 @@ CONFIG_FILE = "sana_config.json"
 
 
 def save(path: str | Path, config: SanaConfig, params: Any) -> None:
-    """Writes params (a pytree of JAX or NumPy arrays) and config to a new or empty directory."""
+    """Writes params (a pytree of JAX or NumPy arrays) and config to a new or empty directory.
+
+    In a multi-process run every process calls it with the same (global) params; process 0 writes the config.
+    """
     path = Path(path).absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"checkpoint path {path} exists and is not an empty directory")
+    if jax.process_count() > 1:  # every process has checked the path before any writes to it
+        multihost_utils.sync_global_devices(f"sana_jax.checkpoint.save {path}")
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params)
-    (path / CONFIG_FILE).write_text(config.to_json() + "\n")
+    if jax.process_index() == 0:
+        (path / CONFIG_FILE).write_text(config.to_json() + "\n")
 
 
 def load_config(path: str | Path) -> SanaConfig:

@@ -89,6 +89,16 @@ def test_rematerialisation_changes_nothing(model, remat):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_unrolled_block_loop_changes_nothing(model):
+    params, (x, t, text, mask) = model
+    loss = lambda cfg: lambda p: jnp.mean(forward(p, cfg, x, t, text, mask) ** 2)
+    ref_loss, ref_grads = jax.value_and_grad(loss(CONFIG))(params)
+    got_loss, got_grads = jax.value_and_grad(loss(dataclasses.replace(CONFIG, unroll_blocks=True)))(params)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_hidden_states_bracket_every_block(model):
     params, (x, t, text, mask) = model
     out, hidden = forward_with_hidden(params, CONFIG, x, t, text, mask)

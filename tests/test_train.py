@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -30,6 +31,7 @@ def tiny_config(**changes) -> ConfigDict:
     c.model.overrides = {"depth": 2, "num_heads": 2, "head_dim": 8, "cross_num_heads": 2, "cross_head_dim": 8}
     c.optimizer.warmup_steps = 1
     c.sampling.num_prompts = 0
+    c.eval_batches = 0
     for key, value in changes.items():
         target = c
         *parents, leaf = key.split(".")
@@ -115,8 +117,32 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
     assert any(m["skipped"] > 0 for m in metrics)
 
 
+def test_held_out_loss_is_logged_on_a_disjoint_domain_seed(tmp_path):
+    from sana_jax.data.pipeline import make_train_iterator
+    from sana_jax.trainer.flow_matching import flow_matching_loss
+
+    config = tiny_config(eval_every=2, eval_batches=2, checkpoint_every=100)
+    train(config, tmp_path)
+    rows = [m for m in read_metrics(tmp_path) if "eval_loss" in m]
+    assert [m["step"] for m in rows] == [0, 2, 4]
+    # Step 4's value, recomputed: batches from domain seed 1 (training reads seed 0), no caption dropout,
+    # batch k noised with fold_in(key(seed + 2), k).
+    model_config, params = checkpoint.load(tmp_path / "model")
+    held_out = {**config.data.to_dict(), "caption_dropout": 0.0, "domain_seed": 1}
+    iterator = make_train_iterator(held_out, seed=config.seed + 1, batch_size=config.batch_size,
+                                   process_index=0, process_count=1)
+    losses = []
+    for k in range(2):
+        batch = {key: jnp.asarray(v) for key, v in next(iterator).items() if key != "prompt_id"}
+        losses.append(flow_matching_loss(params, model_config, batch, jax.random.fold_in(jax.random.key(2), k),
+                                         shift=config.training.shift))
+    np.testing.assert_allclose(rows[-1]["eval_loss"], np.mean(losses), rtol=1e-5)
+    assert rows[0]["eval_loss"] > rows[-1]["eval_loss"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model.nonsense": 1}, "unknown config field 'model.nonsense'"),
+    ({"eval_every": -1}, "config.eval_every=-1"),
     ({"optimizer.name": "sgd"}, "optimizer.name='sgd'"),
     ({"batch_size": 6, "training.grad_accum": 4}, "batch_size=6"),
     ({"mesh.data": 3}, "mesh data=3"),
@@ -145,6 +171,7 @@ def test_missing_data_path_is_named(tmp_path):
 SHARDED_SCRIPT = """
 import json, sys
 import jax
+import jax.numpy as jnp
 import numpy as np
 sys.path.insert(0, {tests!r})
 from test_train import tiny_config

@@ -46,6 +46,9 @@ class SanaConfig:
     attention_impl: str = "xla"
     attention_eps: float = 1e-15
     remat: str = "none"
+    # Run the blocks (stacked weights either way) as an unrolled loop instead of a scan: small models
+    # train about 2x faster on CPU; compile time grows with depth.
+    unroll_blocks: bool = False
     # Initialisation of the caption RMSNorm weight (SANA trains with 0.01).
     caption_norm_init: float = 0.01
 
@@ -58,6 +61,7 @@ class SanaConfig:
                       "in_channels", "out_channels", "caption_channels", "patch_size", "sample_size"):
             value = getattr(self, field)
             check(field, isinstance(value, int) and value > 0, "a positive integer")
+        check("unroll_blocks", isinstance(self.unroll_blocks, bool), "True or False")
         check("mlp_ratio", self.mlp_ratio > 0, "a positive number")
         check("qk_norm", self.qk_norm in QK_NORMS, f"one of {QK_NORMS}")
         check("compute_dtype", self.compute_dtype in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}")

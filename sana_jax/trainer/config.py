@@ -27,6 +27,8 @@ def default_config() -> ConfigDict:
     c.keep_every = 0  # and every K-th step for good (0: none)
     c.async_checkpointing = True
     c.sample_every = 0  # sample grid + checker accuracy every N steps (0: only at the end)
+    c.eval_every = 0  # held-out flow-matching loss every N steps (0: only at the end)
+    c.eval_batches = 4  # batches of `batch_size` in that loss (0: no evaluation)
     c.max_nonfinite_in_a_row = 20  # consecutive skipped updates before the run stops
     c.init_checkpoint = ""  # start from these weights (a sana_jax.checkpoint directory)
 
@@ -109,6 +111,8 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
         raise ValueError(f"config.data: {error}") from None
     for field in ("steps", "batch_size", "log_every", "checkpoint_every"):
         require(isinstance(config[field], int) and config[field] > 0, field, "a positive integer")
+    require(config.eval_every >= 0, "eval_every", ">= 0")
+    require(config.eval_batches >= 0, "eval_batches", ">= 0")
     require(config.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
     require(config.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")
     require(config.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")

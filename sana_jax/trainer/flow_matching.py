@@ -41,3 +41,18 @@ def flow_matching_loss(params: dict, config: SanaConfig, batch: dict, key: jax.A
     x_t = (1.0 - s) * x0 + s * noise
     velocity = forward(params, config, x_t, timesteps, batch["text"], batch["text_mask"])
     return jnp.mean(jnp.square(velocity - (noise - x0)))
+
+
+def evaluation_loss(params: dict, config: SanaConfig, batches: dict, key: jax.Array, *, shift: float,
+                    logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+    """The flow-matching loss averaged over stacked batches (K, B, ...), batch k with noise from fold_in(key, k).
+
+    With a fixed key and fixed batches, successive evaluations differ only through the params.
+    """
+
+    def one(k, batch):
+        return flow_matching_loss(params, config, batch, jax.random.fold_in(key, k), shift=shift,
+                                  logit_mean=logit_mean, logit_std=logit_std)
+
+    count = jax.tree.leaves(batches)[0].shape[0]
+    return jnp.mean(jax.lax.map(lambda args: one(*args), (jnp.arange(count), batches)))

@@ -19,6 +19,7 @@ from sana_jax import checkpoint as sana_checkpoint
 from sana_jax.data.pipeline import DataConfig, element_shapes, make_train_iterator
 from sana_jax.model import SanaConfig, init_params, preset
 from sana_jax.trainer import monitor, sharding
+from sana_jax.trainer.flow_matching import evaluation_loss
 from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
 from sana_jax.trainer.step import init_train_state, make_train_step
 
@@ -94,6 +95,8 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
     data_iter = make_train_iterator(data_config, seed=config.seed, batch_size=config.batch_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
     manager = _checkpoint_manager(workdir, config)
+    # Checked once, before any process can create it: every process must agree on writing the model.
+    write_model = not (workdir / MODEL_DIR).exists()
     start = manager.latest_step()
     if start is not None:
         abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -116,6 +119,7 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, None), donate_argnums=0)
 
+    evaluate = _make_evaluation(config, data_config, model_config, mesh)
     writer = monitor.MetricWriter(workdir, resume_step=start, stage=stage)
     meta = {"model_config": dataclasses.asdict(model_config), "stage": stage}
 
@@ -132,8 +136,14 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
                                    workdir / "samples" / f"step_{step:06d}.png", title=f"{stage} step {step}")
         writer.write(step, metrics)
 
+    def evaluate_and_log(step: int) -> None:
+        if evaluate is not None:
+            writer.write(step, {"eval_loss": evaluate(state["ema_params"] if use_ema else state["params"])})
+
     if start == 0 and config.sample_every:
         sample(0)
+    if start == 0 and config.eval_every:
+        evaluate_and_log(0)
     throughput = monitor.Throughput(config.batch_size)
     pending, previous = [], None
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=stage or "train",
@@ -165,16 +175,43 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
             save(done)
         if config.sample_every and done % config.sample_every == 0 and done != config.steps:
             sample(done)
+        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            evaluate_and_log(done)
     bar.close()
-    if start < config.steps or not (workdir / MODEL_DIR).exists():
+    if start < config.steps or write_model:
+        evaluate_and_log(config.steps)
         sample(config.steps)
     manager.wait_until_finished()
     manager.close()
     writer.close()
     final = state["ema_params"] if use_ema else state["params"]
-    if jax.process_index() == 0 and not (workdir / MODEL_DIR).exists():
-        sana_checkpoint.save(workdir / MODEL_DIR, model_config, jax.device_get(final))
+    if write_model:  # on every process: orbax writes each process's shards and synchronizes them
+        sana_checkpoint.save(workdir / MODEL_DIR, model_config, final)
     return model_config, final
+
+
+def _make_evaluation(config: ConfigDict, data_config: DataConfig, model_config: SanaConfig, mesh):
+    """params -> the flow-matching loss on `config.eval_batches` fixed batches with fixed noise, or None.
+
+    On the shapes domain the batches come from another domain seed than training (held out); other
+    sources evaluate on a fixed sample of their training data.
+    """
+    if not config.eval_batches:
+        return None
+    held_out = {"caption_dropout": 0.0}
+    if data_config.source == "shapes":
+        held_out["domain_seed"] = data_config.domain_seed + 1
+    iterator = make_train_iterator(dataclasses.replace(data_config, **held_out), seed=config.seed + 1,
+                                   batch_size=config.batch_size, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    local = [next(iterator) for _ in range(config.eval_batches)]
+    stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    batches = {k: jax.make_array_from_process_local_data(stacked_sharding, np.stack([b[k] for b in local]))
+               for k in ("latents", "text", "text_mask")}
+    t = config.training
+    loss = jax.jit(lambda p: evaluation_loss(p, model_config, batches, jax.random.key(config.seed + 2),
+                                             shift=t.shift, logit_mean=t.logit_mean, logit_std=t.logit_std))
+    return lambda params: float(loss(params))
 
 
 def sample_and_score(params: dict, model_config: SanaConfig, data_config: DataConfig, sampling: ConfigDict,
