@@ -9,8 +9,8 @@ For a converted SANA 1.6B checkpoint grown to 60 blocks (keeping 18), see config
 """
 
 from ml_collections import ConfigDict
-from sana_jax.configs import pretrain
 
+from sana_jax.configs import pretrain
 from sana_jax.trainer.config import growth_defaults
 
 

@@ -10,8 +10,8 @@ python -m sana_jax.train --config=configs/prune.py
 import os
 
 from ml_collections import ConfigDict
-from sana_jax.configs import pretrain
 
+from sana_jax.configs import pretrain
 from sana_jax.trainer.config import prune_defaults
 
 

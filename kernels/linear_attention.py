@@ -19,6 +19,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+
 from sana_jax.kernels import partitioning
 
 IMPLS = ("auto", "triton", "xla")

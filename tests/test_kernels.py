@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+
 from sana_jax.kernels import linear_attention, linear_attention_xla
 
 EPS = 1e-15
@@ -315,6 +316,7 @@ def _run_child(out_dir: str) -> None:
     import types
 
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
     from sana_jax.kernels import triton_linear_attention as kernels
 
     dispatch = importlib.import_module("sana_jax.kernels.linear_attention")
