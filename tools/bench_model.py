@@ -127,13 +127,15 @@ def main() -> None:
     parser.add_argument("--text_len", type=int, default=32)
     parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--unroll_blocks", action="store_true", help="an unrolled loop over blocks instead of a scan")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--diffusers", action="store_true", help="also time diffusers on the same config")
     parser.add_argument("--torch_compile", action="store_true", help="with --diffusers, add torch.compile")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
-    config = dataclasses.replace(preset(args.preset), compute_dtype=args.compute_dtype, remat=args.remat)
+    config = dataclasses.replace(preset(args.preset), compute_dtype=args.compute_dtype, remat=args.remat,
+                                 unroll_blocks=args.unroll_blocks)
     rows = {f"{k} (sana-jax)": v for k, v in
             bench_jax(config, args.batch, args.latent, args.text_len, args.repeats).items()}
     if args.diffusers:
