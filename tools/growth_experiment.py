@@ -211,15 +211,12 @@ def main(argv: list[str]) -> None:
         c = curves[name]
         print(f"| {name} (lr {c['lr']:g}) | {depth} | {c['steps'][-1]} | {c['compute'][-1]:.0f} | "
               f"{c['eval_loss'][-1]:.4f} | {accuracy[name]:.3f} |")
+    scratch_curve = list(zip(curves["scratch"]["compute"], curves["scratch"]["eval_loss"], strict=True))
     for name in grown_arms:
-        grown_curve = curves[name]
-        for target_name in ("scratch",):
-            target_curve = curves[target_name]
-            for x, loss in zip(grown_curve["compute"], grown_curve["eval_loss"], strict=True):
-                matched = [cx for cx, cl in zip(target_curve["compute"], target_curve["eval_loss"], strict=True)
-                           if cl <= loss]
-                print(f"{name}: loss {loss:.4f} at {x:.0f} units; scratch first reaches it at "
-                      + (f"{matched[0]:.0f} units" if matched else "no point within its budget"))
+        for x, loss in zip(curves[name]["compute"], curves[name]["eval_loss"], strict=True):
+            matched = [cx for cx, cl in scratch_curve if cl <= loss]
+            print(f"{name}: loss {loss:.4f} at {x:.0f} units; scratch first reaches it at "
+                  + (f"{matched[0]:.0f} units" if matched else "no point within its budget"))
     print(f"(budget: {budget:.0f} units)")
     print(f"\n| pruning method | kept blocks | loss after pruning | after {_FINETUNE_STEPS.value} steps | "
           "checker accuracy |")
