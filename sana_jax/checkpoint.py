@@ -2,6 +2,8 @@
 
 Layout of a checkpoint directory:
   params/             orbax (StandardCheckpointer) checkpoint of the params pytree
+  metadata.json       optional: how the model is meant to be used (e.g. the trainer records its data
+                      settings and the sampler it was evaluated with); `load_metadata` reads it
   sana_config.json    `SanaConfig.to_json()`, written last: its presence marks a complete checkpoint
 """
 
@@ -19,10 +21,12 @@ from sana_jax.model.config import SanaConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "sana_config.json"
+METADATA_FILE = "metadata.json"
 
 
-def save(path: str | Path, config: SanaConfig, params: Any) -> None:
-    """Writes params (a pytree of JAX or NumPy arrays) and config to a new or empty directory.
+def save(path: str | Path, config: SanaConfig, params: Any, *, metadata: dict | None = None) -> None:
+    """Writes params (a pytree of JAX or NumPy arrays), config and JSON-able `metadata` to a new or empty
+    directory.
 
     In a multi-process run every process calls it with the same (global) params; process 0 writes the config.
     """
@@ -35,7 +39,15 @@ def save(path: str | Path, config: SanaConfig, params: Any) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params)
     if jax.process_index() == 0:
+        if metadata is not None:
+            (path / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         (path / CONFIG_FILE).write_text(config.to_json() + "\n")
+
+
+def load_metadata(path: str | Path) -> dict:
+    """The metadata a checkpoint directory was saved with ({} when it has none)."""
+    metadata_file = Path(path) / METADATA_FILE
+    return json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
 
 
 def load_config(path: str | Path) -> SanaConfig:

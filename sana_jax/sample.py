@@ -29,6 +29,8 @@ from sana_jax.scaling.candidates import generate_candidates
 from sana_jax.trainer.monitor import save_grid
 
 VERIFIERS = ("checker", "learned", "clip", "vlm")
+# SANA's sampler; a checkpoint written by the trainer records its own (metadata "sampling").
+SAMPLING_DEFAULTS = {"num_steps": 20, "guidance_scale": 4.5, "shift": 3.0, "solver": "flow_dpm_solver"}
 TEXT_ENCODERS = ("shapes", "gemma")
 AUTOENCODERS = ("shapes", "dcae")
 
@@ -46,12 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="best_of_n", help=f"one of {search.METHODS} (knockout needs vlm)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=4.5)
-    parser.add_argument("--shift", type=float, default=3.0)
-    parser.add_argument("--solver", default="flow_dpm_solver")
+    for name, kind in (("num_steps", int), ("guidance_scale", float), ("shift", float), ("solver", str)):
+        parser.add_argument(f"--{name}", type=kind, help=f"default: the checkpoint's metadata, else "
+                            f"{SAMPLING_DEFAULTS[name]}")
     parser.add_argument("--chunk_size", type=int, help="candidates sampled at once (default: all N)")
-    parser.add_argument("--resolution", type=int, default=DataConfig.resolution, help="image side in pixels")
+    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the checkpoint's "
+                        f"metadata, else {DataConfig.resolution})")
     parser.add_argument("--text_encoder", default="shapes", choices=TEXT_ENCODERS)
     parser.add_argument("--text_encoder_path", help="a Gemma-2 checkpoint for --text_encoder=gemma")
     parser.add_argument("--autoencoder", default="shapes", choices=AUTOENCODERS)
@@ -81,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not args.prompt:
         parser.error("no prompts: give --prompt and/or --prompts_file")
+    metadata = checkpoint.load_metadata(args.checkpoint)
+    args.data = DataConfig.from_mapping(metadata.get("data", {}))
+    for name, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, metadata.get("sampling", {}).get(name, default))
+    if args.resolution is None:
+        args.resolution = args.data.resolution
     return args
 
 
@@ -89,7 +98,7 @@ def _text_encoder(args: argparse.Namespace) -> Any:
         from sana_jax.text_encoder import GemmaTextEncoder
 
         return GemmaTextEncoder(args.text_encoder_path)
-    return make_text_encoder(DataConfig())
+    return make_text_encoder(args.data)
 
 
 def _autoencoder(args: argparse.Namespace) -> Any:
@@ -97,7 +106,7 @@ def _autoencoder(args: argparse.Namespace) -> Any:
         from sana_jax.autoencoder import DCAE
 
         return DCAE.from_pretrained(args.autoencoder_path)
-    return make_autoencoder(DataConfig())
+    return make_autoencoder(args.data)
 
 
 def _verifier(args: argparse.Namespace, text_encoder: Any) -> Any:
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                   title=prompt)
         results.append({"prompt": prompt, "scores": scores.tolist(), "selected": kept.tolist(), "files": files})
 
-    settings = {k: v for k, v in vars(args).items() if k != "prompt"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "data")}
     (out / "scores.json").write_text(json.dumps({"settings": settings, "prompts": results}, indent=2) + "\n")
     print(f"wrote {len(results)} prompts' kept images, contact sheets and scores.json to {out}", file=sys.stderr)
 

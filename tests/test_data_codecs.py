@@ -1,4 +1,4 @@
-"""The embedded latent space (space-to-depth autoencoder) and the word-level text encoder."""
+"""The embedded latent spaces (space-to-depth, patch PCA) and the word-level text encoder."""
 
 import hashlib
 import subprocess
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sana_jax.data import shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
+from sana_jax.data import checker, shapes
+from sana_jax.data.autoencoder import PatchPCAAE, SpaceToDepthAE
 from sana_jax.data.text_encoder import WordTextEncoder
 
 
@@ -74,6 +74,37 @@ def test_autoencoder_rejects_bad_shapes():
         ae.encode(np.zeros((1, 30, 32, 3), np.float32))
     with pytest.raises(ValueError, match=r"latents \(B, h, w, 48\), got \(1, 8, 8, 32\)"):
         ae.decode(np.zeros((1, 8, 8, 32), np.float32))
+
+
+def test_patch_pca_spans_the_top_principal_subspace_of_the_domain_patches():
+    ae = PatchPCAAE(channels=16, fit_samples=400)
+    mean, basis = ae._basis()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(16), atol=1e-5)
+    # Reference: the SVD of the centred patch matrix (eigh of the covariance in the library).
+    renders = np.stack([shapes.make_sample(ae.fit_seed, i).image for i in range(400)])
+    patches = renders.reshape(400, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 48)
+    patches = (patches / 255.0 * 2 - 1 - 0.71) * 3.0
+    centred = patches - patches.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    reference = vt[:16].T
+    np.testing.assert_allclose(mean, patches.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(basis @ basis.T, reference @ reference.T, atol=1e-4)
+    kept = np.sum(singular[:16] ** 2) / np.sum(singular**2)
+    assert kept > 0.95
+
+
+def test_patch_pca_keeps_what_the_checker_needs(images):
+    ae = PatchPCAAE()
+    z = ae.encode(images)
+    assert z.shape == (48, 8, 8, 16) and ae.latent_channels == 16
+    decoded = ae.decode(z)
+    prompts = [shapes.make_sample(0, i).prompt for i in range(48)]
+    assert all(checker.check(p, im) for p, im in zip(prompts, decoded, strict=True))
+    inside = 0.5 * z  # decodes inside [0, 1], so nothing is clamped; encoding again is then a no-op
+    np.testing.assert_allclose(ae.encode(ae.decode(inside)), inside, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ae.encode(jnp.asarray(images))), z, atol=1e-4)
+    with pytest.raises(ValueError, match=r"channels=49: expected 1 to 48"):
+        PatchPCAAE(channels=49)
 
 
 def _reference_features(prompt, vocabulary, max_length, dim, seed):

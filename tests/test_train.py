@@ -236,3 +236,50 @@ def test_every_shipped_config_validates(path):
     for field in ("steps", "batch_size", "seed", "log_every", "checkpoint_every"):
         assert field in config
     assert "data" in config.mesh and "fsdp" in config.mesh
+
+
+def test_ema_is_the_warmed_up_average_of_the_iterates():
+    """EMA after each update t (from 0): e = d_t e + (1 - d_t) p with d_t = min(decay, (1 + t) / (10 + t))."""
+    from sana_jax.data.pipeline import DataConfig, make_train_iterator
+    from sana_jax.model import init_params
+    from sana_jax.trainer.loop import model_config_for
+    from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
+    from sana_jax.trainer.step import init_train_state, make_train_step
+
+    config = tiny_config(**{"optimizer.name": "adamw", "optimizer.lr": 1e-2})
+    model_config = model_config_for(config, DataConfig.from_mapping(config.data))
+    tx = make_optimizer(config.optimizer, 4)
+    step = jax.jit(make_train_step(model_config, tx, learning_rate_schedule(config.optimizer, 4), seed=0, shift=1.0,
+                                   logit_mean=0.0, logit_std=1.0, uniform_fraction=0.0, grad_accum=1,
+                                   ema_decay=0.5))
+    state = init_train_state(init_params(model_config, jax.random.key(0)), tx, ema=True)
+    batches = make_train_iterator(config.data.to_dict(), seed=0, batch_size=8, process_index=0, process_count=1)
+    expected = jax.tree.map(np.asarray, state["params"])
+    for t in range(4):
+        state, _ = step(state, {k: jnp.asarray(v) for k, v in next(batches).items()})
+        decay = min(0.5, (1 + t) / (10 + t))  # 0.1, 0.18, 0.25, 0.31: not yet at 0.5
+        expected = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * np.asarray(p), expected, state["params"])
+    assert_trees_close(state["ema_params"], expected, atol=1e-6)
+
+
+def test_training_noise_levels_follow_the_formula():
+    """sigma = s b / (1 + (s - 1) b), b = floor(1000 sigmoid(n)) / 1000; a uniform_fraction of rows take
+    floor(1000 u) / 1000 unshifted; the model timestep is floor(1000 sigma)."""
+    from scipy import stats
+
+    from sana_jax.trainer.flow_matching import sample_sigmas
+
+    key = jax.random.key(3)
+    sigmas, timesteps = map(np.asarray, sample_sigmas(key, 4096, shift=3.0, logit_mean=0.5, logit_std=1.5))
+    n = 0.5 + 1.5 * np.asarray(jax.random.normal(key, (4096,), jnp.float32))
+    base = np.floor(1000 * (1 / (1 + np.exp(-n.astype(np.float64))))) / 1000
+    np.testing.assert_allclose(sigmas, 3 * base / (1 + 2 * base), atol=2e-6)
+    np.testing.assert_array_equal(timesteps, np.floor(sigmas * 1000))
+
+    mixed, _ = map(np.asarray, sample_sigmas(key, 20000, shift=6.0, uniform_fraction=0.25))
+    # With shift 6 the logit-normal part has P(sigma < 0.5) = P(b < 1/7) = Phi(logit(1/7)) = 0.0367;
+    # uniform rows add 0.25 * 0.5.
+    expected = 0.75 * stats.norm.cdf(np.log((1 / 7) / (6 / 7))) + 0.25 * 0.5
+    assert abs(np.mean(mixed < 0.5) - expected) < 0.01
+    on_grid = np.isclose(mixed * 1000, np.round(mixed * 1000), atol=1e-3)
+    assert np.mean(on_grid) > 0.25  # the uniform rows lie on the 1/1000 grid

@@ -44,6 +44,7 @@ def main(argv: list[str]) -> None:
     state = jax.jit(lambda p: init_train_state(p, tx, ema=config.training.ema_decay > 0))(params)
     step = jax.jit(make_train_step(model_config, tx, schedule, seed=0, shift=config.training.shift,
                                    logit_mean=config.training.logit_mean, logit_std=config.training.logit_std,
+                                   uniform_fraction=config.training.uniform_fraction,
                                    grad_accum=config.training.grad_accum, ema_decay=config.training.ema_decay),
                    donate_argnums=0)
     side = model_config.sample_size

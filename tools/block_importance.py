@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sana_jax import surgery
+from sana_jax import checkpoint, surgery
 from sana_jax.model import SanaConfig, init_params, preset
 
 
@@ -27,13 +27,16 @@ def shapes_batches(config: SanaConfig | None, args) -> tuple[SanaConfig | None, 
     from sana_jax.data import pipeline
 
     text_dim = config.caption_channels if args.checkpoint else pipeline.DataConfig.text_dim
-    data = pipeline.DataConfig(source="shapes", resolution=args.resolution, downsample=args.downsample,
-                               text_dim=text_dim, domain_seed=args.seed)
+    # A trained model's latent space and text encoder come from its metadata.
+    trained = checkpoint.load_metadata(args.checkpoint).get("data", {}) if args.checkpoint else {}
+    data = pipeline.DataConfig.from_mapping({
+        **trained, "source": "shapes", "resolution": args.resolution, "downsample": args.downsample,
+        "text_dim": text_dim, "domain_seed": args.seed})
     shapes = pipeline.element_shapes(data)
     channels = shapes["latents"][-1]
     if args.checkpoint and channels != config.in_channels:
         sys.exit(f"the checkpoint's model takes {config.in_channels} latent channels; shapes data with "
-                 f"--downsample={args.downsample} gives {channels} (3 * downsample^2)")
+                 f"--downsample={args.downsample} gives {channels}")
     if not args.checkpoint:
         config = dataclasses.replace(config, in_channels=channels, out_channels=channels,
                                      caption_channels=shapes["text"][-1])

@@ -1,6 +1,6 @@
 """SANA 1.5's inference-time scaling law in miniature, on the built-in shapes domain.
 
-Each model samples N_max candidates for each of P evaluation prompts (`monitor.eval_prompts`); the shapes
+Each model samples N_max candidates for each of P evaluation prompts (`sana_jax.evaluation.eval_prompts`); the shapes
 checker (the oracle, 0/1) and a small learned verifier score every candidate. For N = 1, 2, 4, ..., N_max
 the checker accuracy of the selected sample is averaged over N_max / N disjoint groups of N candidates:
   learned   the learned verifier's best of the N (`search.best_of_n`);
@@ -44,10 +44,10 @@ from sana_jax import checkpoint
 from sana_jax import model as sana_model
 from sana_jax.data import checker, shapes
 from sana_jax.data.pipeline import DataConfig, element_shapes, make_autoencoder, make_text_encoder, null_caption
+from sana_jax.evaluation import eval_prompts
 from sana_jax.model.config import SanaConfig
 from sana_jax.scaling import learned_verifier, search
 from sana_jax.scaling.candidates import generate_candidates
-from sana_jax.trainer.monitor import eval_prompts
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -550,7 +550,9 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("model names must differ")
     counts = candidate_counts(_MAX_CANDIDATES.value)
 
-    data = DataConfig(source="shapes", resolution=_RESOLUTION.value)
+    # The latent space and text encoder the models were trained with (their metadata; else the defaults).
+    data = DataConfig.from_mapping({**checkpoint.load_metadata(named[0][1]).get("data", {}), "source": "shapes",
+                                    "resolution": _RESOLUTION.value})
     text_encoder, autoencoder = make_text_encoder(data), make_autoencoder(data)
     expected = element_shapes(data, autoencoder, text_encoder)
     side, text_length = expected["latents"][0], expected["text"][0]

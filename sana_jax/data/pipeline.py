@@ -30,10 +30,11 @@ import grain
 import numpy as np
 
 from sana_jax.data import images, records, shapes
-from sana_jax.data.autoencoder import Autoencoder, SpaceToDepthAE
+from sana_jax.data.autoencoder import Autoencoder, PatchPCAAE, SpaceToDepthAE
 from sana_jax.data.text_encoder import TextEncoder, WordTextEncoder
 
 SOURCES = ("shapes", "array_record", "tfds")
+LATENTS = ("space_to_depth", "patch_pca")
 BATCH_KEYS = ("latents", "text", "text_mask", "prompt_id")
 
 
@@ -56,7 +57,10 @@ class DataConfig:
     tfds_data_dir: str | None = None
     image_key: str = "image"
     caption_key: str = "caption"  # "/" separates nested keys; a list of captions gives its first one
-    # Built-in encoders for the raw sources (shapes, tfds).
+    # Built-in encoders for the raw sources (shapes, tfds): the latent space (`LATENTS`; "patch_pca" keeps
+    # `latent_channels` principal components of each patch and is fitted to the shapes domain).
+    latent: str = "space_to_depth"
+    latent_channels: int = 16
     downsample: int = 4
     text_length: int = 16
     text_dim: int = 64
@@ -70,6 +74,8 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"DataConfig.source={self.source!r}: expected one of {SOURCES}")
+        if self.latent not in LATENTS:
+            raise ValueError(f"DataConfig.latent={self.latent!r}: expected one of {LATENTS}")
         unknown = [t for t in self.tasks if t not in shapes.TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"DataConfig.tasks={self.tasks!r}: expected a non-empty subset of "
@@ -99,6 +105,9 @@ class DataConfig:
 
 def make_autoencoder(config: DataConfig) -> Autoencoder:
     """The built-in autoencoder of a config."""
+    if config.latent == "patch_pca":
+        return PatchPCAAE(downsample=config.downsample, channels=config.latent_channels,
+                          resolution=config.resolution)
     return SpaceToDepthAE(downsample=config.downsample)
 
 

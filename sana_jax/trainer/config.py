@@ -45,7 +45,7 @@ def default_config() -> ConfigDict:
         "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "clip_grad_norm": 1.0,
     })
     c.training = ConfigDict({
-        "shift": 1.0, "logit_mean": 0.0, "logit_std": 1.0, "grad_accum": 1, "ema_decay": 0.0,
+        "shift": 1.0, "logit_mean": 0.0, "logit_std": 1.0, "uniform_fraction": 0.0, "grad_accum": 1, "ema_decay": 0.0,
         "compute_dtype": "float32", "remat": "none",
     })
     c.sampling = ConfigDict({  # num_prompts 0: no sampling
@@ -121,6 +121,7 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
     require(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0")
     require(0.0 <= config.training.ema_decay < 1.0, "training.ema_decay", "a value in [0, 1)")
     require(config.training.shift > 0, "training.shift", "a positive shift")
+    require(0.0 <= config.training.uniform_fraction <= 1.0, "training.uniform_fraction", "a value in [0, 1]")
     grad_accum = config.training.grad_accum
     require(isinstance(grad_accum, int) and grad_accum >= 1, "training.grad_accum", "a positive integer")
     require(config.batch_size % grad_accum == 0, "batch_size", f"a multiple of training.grad_accum={grad_accum}")

@@ -14,20 +14,26 @@ def shift_sigmas(sigmas: jax.Array, shift: float) -> jax.Array:
 
 
 def sample_sigmas(key: jax.Array, batch: int, *, shift: float, logit_mean: float = 0.0,
-                  logit_std: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                  logit_std: float = 1.0, uniform_fraction: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Training noise levels.
 
-    sigma_base = floor(1000 * sigmoid(n)) / 1000 with n ~ N(mean, std), then shifted.
+    sigma_base = floor(1000 * sigmoid(n)) / 1000 with n ~ N(mean, std), then shifted; with probability
+    `uniform_fraction` a row instead takes sigma = floor(1000 * u) / 1000, u ~ U[0, 1), unshifted.
     Returns (sigmas (B,) float32, model timesteps (B,) = floor(sigma * 1000) as float32).
     """
+    if uniform_fraction > 0:
+        key, uniform_key, choice_key = jax.random.split(key, 3)
     n = logit_mean + logit_std * jax.random.normal(key, (batch,), jnp.float32)
     base = jnp.floor(1000.0 * jax.nn.sigmoid(n)) / 1000.0
     sigmas = shift_sigmas(base, shift)
+    if uniform_fraction > 0:
+        uniform = jnp.floor(1000.0 * jax.random.uniform(uniform_key, (batch,), jnp.float32)) / 1000.0
+        sigmas = jnp.where(jax.random.uniform(choice_key, (batch,)) < uniform_fraction, uniform, sigmas)
     return sigmas, jnp.floor(sigmas * 1000.0)
 
 
 def flow_matching_loss(params: dict, config: SanaConfig, batch: dict, key: jax.Array, *, shift: float,
-                       logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+                       logit_mean: float = 0.0, logit_std: float = 1.0, uniform_fraction: float = 0.0) -> jax.Array:
     """Mean squared error of the predicted velocity against noise - x0.
 
     batch: {"latents" (B, H, W, C) clean latents x0, "text" (B, L, C_text), "text_mask" (B, L)}.
@@ -35,7 +41,7 @@ def flow_matching_loss(params: dict, config: SanaConfig, batch: dict, key: jax.A
     x0 = batch["latents"].astype(jnp.float32)
     sigma_key, noise_key = jax.random.split(key)
     sigmas, timesteps = sample_sigmas(sigma_key, x0.shape[0], shift=shift, logit_mean=logit_mean,
-                                      logit_std=logit_std)
+                                      logit_std=logit_std, uniform_fraction=uniform_fraction)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     s = sigmas[:, None, None, None]
     x_t = (1.0 - s) * x0 + s * noise
@@ -44,7 +50,7 @@ def flow_matching_loss(params: dict, config: SanaConfig, batch: dict, key: jax.A
 
 
 def evaluation_loss(params: dict, config: SanaConfig, batches: dict, key: jax.Array, *, shift: float,
-                    logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+                    logit_mean: float = 0.0, logit_std: float = 1.0, uniform_fraction: float = 0.0) -> jax.Array:
     """The flow-matching loss averaged over stacked batches (K, B, ...), batch k with noise from fold_in(key, k).
 
     With a fixed key and fixed batches, successive evaluations differ only through the params.
@@ -52,7 +58,7 @@ def evaluation_loss(params: dict, config: SanaConfig, batches: dict, key: jax.Ar
 
     def one(k, batch):
         return flow_matching_loss(params, config, batch, jax.random.fold_in(key, k), shift=shift,
-                                  logit_mean=logit_mean, logit_std=logit_std)
+                                  logit_mean=logit_mean, logit_std=logit_std, uniform_fraction=uniform_fraction)
 
     count = jax.tree.leaves(batches)[0].shape[0]
     return jnp.mean(jax.lax.map(lambda args: one(*args), (jnp.arange(count), batches)))

@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from sana_jax import checkpoint as sana_checkpoint
+from sana_jax import evaluation
 from sana_jax.data.pipeline import DataConfig, element_shapes, make_train_iterator
 from sana_jax.model import SanaConfig, init_params, preset
 from sana_jax.trainer import monitor, sharding
@@ -115,6 +116,7 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
     step_fn = jax.jit(
         make_train_step(model_config, tx, schedule, seed=config.seed, shift=config.training.shift,
                         logit_mean=config.training.logit_mean, logit_std=config.training.logit_std,
+                        uniform_fraction=config.training.uniform_fraction,
                         grad_accum=config.training.grad_accum, ema_decay=config.training.ema_decay),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, None), donate_argnums=0)
@@ -186,7 +188,7 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
     writer.close()
     final = state["ema_params"] if use_ema else state["params"]
     if write_model:  # on every process: orbax writes each process's shards and synchronizes them
-        sana_checkpoint.save(workdir / MODEL_DIR, model_config, final)
+        sana_checkpoint.save(workdir / MODEL_DIR, model_config, final, metadata=model_metadata(config))
     return model_config, final
 
 
@@ -210,25 +212,35 @@ def _make_evaluation(config: ConfigDict, data_config: DataConfig, model_config: 
                for k in ("latents", "text", "text_mask")}
     t = config.training
     loss = jax.jit(lambda p: evaluation_loss(p, model_config, batches, jax.random.key(config.seed + 2),
-                                             shift=t.shift, logit_mean=t.logit_mean, logit_std=t.logit_std))
+                                             shift=t.shift, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                                             uniform_fraction=t.uniform_fraction))
     return lambda params: float(loss(params))
 
 
 def sample_and_score(params: dict, model_config: SanaConfig, data_config: DataConfig, sampling: ConfigDict,
                      grid_path: Path, *, title: str = "") -> dict[str, float]:
-    """Samples the fixed evaluation prompts, writes a grid PNG and returns the checker's accuracy."""
-    prompts = monitor.eval_prompts(data_config, sampling.num_prompts, sampling.eval_seed)
-    images = monitor.sample_images(
-        params, model_config, data_config, prompts, key=jax.random.key(sampling.eval_seed),
-        num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale, shift=sampling.shift,
-        solver=sampling.solver)
-    verdicts = [monitor.checker.check(p, im) for p, im in zip(prompts, images, strict=True)]
-    accuracy = float(np.mean(verdicts))
+    """Samples the fixed evaluation prompts, writes a grid PNG with the checker's verdicts and returns
+    {"sample_accuracy": overall, "sample_accuracy/<task>": accuracy per task}."""
+    result = evaluation.evaluate(params, model_config, data_config, num_prompts=sampling.num_prompts,
+                                 seed=sampling.eval_seed, num_steps=sampling.num_steps,
+                                 guidance_scale=sampling.guidance_scale, shift=sampling.shift,
+                                 solver=sampling.solver)
+    accuracy = result.accuracy()
     if jax.process_index() == 0:
         n = sampling.grid_size
-        monitor.save_grid(grid_path, images[:n], prompts[:n], verdicts=verdicts[:n],
-                          title=f"{title}  checker accuracy {accuracy:.2f} on {len(prompts)} prompts")
-    return {"sample_accuracy": accuracy}
+        monitor.save_grid(grid_path, result.images[:n], result.prompts[:n], verdicts=result.verdicts[:n],
+                          title=f"{title}  GenEval-lite {accuracy['overall']:.2f} on {len(result.prompts)} prompts")
+    return {"sample_accuracy": accuracy["overall"],
+            **{f"sample_accuracy/{task}": value for task, value in accuracy.items() if task != "overall"}}
+
+
+def model_metadata(config: ConfigDict) -> dict:
+    """What `model/` records beside the weights so that it samples as it was evaluated: the data settings
+    (latent space and text encoder) and the sampler."""
+    sampling = config.sampling
+    return {"data": dataclasses.asdict(DataConfig.from_mapping(config.data)),
+            "sampling": {"num_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,
+                         "shift": sampling.shift, "solver": sampling.solver}}
 
 
 def _load_or_train_base(config: ConfigDict, workdir: Path, base_checkpoint: str) -> tuple[SanaConfig, dict]:

@@ -1,4 +1,4 @@
-"""What a run shows: metrics.jsonl, TensorBoard events, a progress bar, and sample grids with accuracy."""
+"""What a run shows: metrics.jsonl, TensorBoard events, throughput, and sample grids with verdicts."""
 
 from __future__ import annotations
 
@@ -10,11 +10,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from PIL import Image, ImageDraw
-
-from sana_jax.data import checker, shapes
-from sana_jax.data.pipeline import DataConfig, make_autoencoder, make_text_encoder, null_caption
-from sana_jax.model import SanaConfig
-from sana_jax.sampling import generate
 
 
 class MetricWriter:
@@ -68,31 +63,6 @@ class Throughput:
         rate = (steps - self._steps) / max(now - self._time, 1e-9)
         self._time, self._steps = now, steps
         return {"steps_per_s": rate, "images_per_s": rate * self.batch_size}
-
-
-def eval_prompts(data_config: DataConfig, num_prompts: int, seed: int) -> list[str]:
-    """Fixed prompts from the shapes domain, drawn with their own seed (not the training stream)."""
-    return [shapes.make_sample(seed, i, size=data_config.resolution, tasks=data_config.tasks).prompt
-            for i in range(num_prompts)]
-
-
-def sample_images(params: dict, model_config: SanaConfig, data_config: DataConfig, prompts: list[str], *,
-                  key: jax.Array, num_steps: int, guidance_scale: float, shift: float,
-                  solver: str) -> np.ndarray:
-    """Generates one image per prompt: (N, H, W, 3) float in [0, 1]."""
-    text_encoder = make_text_encoder(data_config)
-    autoencoder = make_autoencoder(data_config)
-    text, mask = text_encoder.encode_text(prompts)
-    null_text, null_mask = null_caption(data_config, text_encoder)
-    side = data_config.resolution // autoencoder.downsample
-    latents = generate(params, model_config, text, mask, null_text, null_mask, key, height=side, width=side,
-                       num_steps=num_steps, guidance_scale=guidance_scale, shift=shift, solver=solver)
-    return np.clip(np.asarray(autoencoder.decode(latents)), 0.0, 1.0)
-
-
-def checker_accuracy(images: np.ndarray, prompts: list[str]) -> float:
-    """Fraction of images the programmatic checker accepts for their prompts."""
-    return float(np.mean([checker.check(p, im) for p, im in zip(prompts, images, strict=True)]))
 
 
 def save_grid(path: Path, images: np.ndarray, prompts: list[str], *, verdicts: list[bool] | None = None,

@@ -23,8 +23,8 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, *, ema: boo
 
 
 def make_train_step(config: SanaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    seed: int, shift: float, logit_mean: float, logit_std: float, grad_accum: int,
-                    ema_decay: float) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    seed: int, shift: float, logit_mean: float, logit_std: float, uniform_fraction: float,
+                    grad_accum: int, ema_decay: float) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (state, metrics); randomness is a function of (seed, step).
 
     The batch's leading axis is split into `grad_accum` micro-batches whose gradients are averaged.
@@ -34,7 +34,8 @@ def make_train_step(config: SanaConfig, tx: optax.GradientTransformation, schedu
 
     def loss_and_grad(params, batch, key):
         return jax.value_and_grad(flow_matching_loss)(params, config, batch, key, shift=shift,
-                                                      logit_mean=logit_mean, logit_std=logit_std)
+                                                      logit_mean=logit_mean, logit_std=logit_std,
+                                                      uniform_fraction=uniform_fraction)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params = state["params"]
@@ -59,8 +60,12 @@ def make_train_step(config: SanaConfig, tx: optax.GradientTransformation, schedu
                      "opt_state": opt_state}
         if "ema_params" in state:
             finite = opt_state.last_finite
+            # The decay warms up as (1 + t) / (10 + t) (as diffusers' EMAModel), so that a short run's
+            # average is not dominated by the initial weights.
+            t = state["step"].astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
             new_state["ema_params"] = jax.tree.map(
-                lambda e, p: jnp.where(finite, ema_decay * e + (1.0 - ema_decay) * p, e),
+                lambda e, p: jnp.where(finite, decay * e + (1.0 - decay) * p, e),
                 state["ema_params"], new_state["params"])
         metrics = {
             "loss": loss,

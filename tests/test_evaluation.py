@@ -1,0 +1,75 @@
+"""GenEval-lite: Wilson intervals against published values, per-task bookkeeping on renders with known
+verdicts, and the trainer's per-task metrics and model metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_train import read_metrics, tiny_config
+
+from sana_jax import checkpoint, evaluation
+from sana_jax.data import checker, shapes
+from sana_jax.sample import SAMPLING_DEFAULTS, parse_args
+
+
+@pytest.mark.parametrize(("k", "n", "low", "high"), [
+    # Wilson score intervals at z = 1.96 (Newcombe 1998, table I; Brown, Cai & DasGupta 2001).
+    (0, 10, 0.0, 0.2775),
+    (5, 10, 0.2366, 0.7634),
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+])
+def test_wilson_interval_matches_published_values(k, n, low, high):
+    got = evaluation.wilson_interval(k, n)
+    np.testing.assert_allclose(got, (low, high), atol=1e-4)
+
+
+def test_per_task_counts_on_renders_with_known_verdicts():
+    # Ground-truth renders satisfy their own prompts; an empty background satisfies none.
+    samples = [shapes.make_sample(3, i) for i in range(12)]  # every task twice
+    blank = np.full_like(samples[0].image, 230)
+    images = np.stack([s.image for s in samples[:6]] + [blank] * 6) / 255.0
+    prompts = [s.prompt for s in samples]
+    verdicts = [checker.check(p, im) for p, im in zip(prompts, images, strict=True)]
+    result = evaluation.Evaluation(prompts, images, verdicts)
+    assert result.counts() == {task: (1, 2) for task in shapes.TASKS}
+    assert result.accuracy() == {"overall": 0.5, **{task: 0.5 for task in shapes.TASKS}}
+    table = result.table()
+    assert "| counting | 1/2 | 0.500 |" in table and "| overall (mean of tasks) | 6/12 | 0.500 |" in table
+
+
+def test_eval_prompts_cycle_through_the_tasks():
+    from sana_jax.data.pipeline import DataConfig
+
+    prompts = evaluation.eval_prompts(DataConfig(), 12, seed=5)
+    assert [shapes.parse_prompt(p).task for p in prompts] == list(shapes.TASKS) * 2
+
+
+def test_trainer_logs_per_task_accuracy_and_records_how_to_sample(tmp_path):
+    from sana_jax.trainer import train
+
+    config = tiny_config(steps=2, **{"sampling.num_prompts": 6, "sampling.num_steps": 2,
+                                     "sampling.guidance_scale": 2.5, "sampling.shift": 4.0})
+    train(config, tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if "sample_accuracy" in r]
+    assert [r["step"] for r in rows] == [2]
+    per_task = [rows[0][f"sample_accuracy/{t}"] for t in shapes.TASKS]
+    assert rows[0]["sample_accuracy"] == pytest.approx(np.mean(per_task))
+
+    metadata = checkpoint.load_metadata(tmp_path / "model")
+    assert metadata["sampling"] == {"num_steps": 2, "guidance_scale": 2.5, "shift": 4.0,
+                                    "solver": "flow_dpm_solver"}
+    assert metadata["data"]["resolution"] == 32 and metadata["data"]["text_dim"] == 64
+    json.dumps(metadata)  # plain JSON
+
+    # The sampling CLI follows the metadata unless told otherwise; without metadata, SANA's defaults.
+    args = parse_args(["--checkpoint", str(tmp_path / "model"), "--prompt", "a circle", "--out", "x"])
+    assert (args.num_steps, args.guidance_scale, args.shift) == (2, 2.5, 4.0)
+    args = parse_args(["--checkpoint", str(tmp_path / "model"), "--prompt", "a circle", "--out", "x",
+                       "--shift", "3"])
+    assert args.shift == 3.0
+    (tmp_path / "model" / checkpoint.METADATA_FILE).unlink()
+    args = parse_args(["--checkpoint", str(tmp_path / "model"), "--prompt", "a circle", "--out", "x"])
+    assert {k: getattr(args, k) for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS
