@@ -83,14 +83,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not args.prompt:
         parser.error("no prompts: give --prompt and/or --prompts_file")
-    metadata = checkpoint.load_metadata(args.checkpoint)
-    args.data = DataConfig.from_mapping(metadata.get("data", {}))
-    for name, default in SAMPLING_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, metadata.get("sampling", {}).get(name, default))
+    args.data, sampler = recorded_settings(args.checkpoint, **{k: getattr(args, k) for k in SAMPLING_DEFAULTS})
+    for name, value in sampler.items():
+        setattr(args, name, value)
     if args.resolution is None:
         args.resolution = args.data.resolution
     return args
+
+
+def recorded_settings(checkpoint_dir: str, **given: Any) -> tuple[DataConfig, dict[str, Any]]:
+    """The data settings and sampler a checkpoint records (its metadata), with `given` values that are not
+    None taking precedence, and SANA's sampler (`SAMPLING_DEFAULTS`) where neither says."""
+    metadata = checkpoint.load_metadata(checkpoint_dir)
+    recorded = metadata.get("sampling", {})
+    sampler = {name: given[name] if given.get(name) is not None else recorded.get(name, default)
+               for name, default in SAMPLING_DEFAULTS.items()}
+    return DataConfig.from_mapping(metadata.get("data", {})), sampler
 
 
 def _text_encoder(args: argparse.Namespace) -> Any:

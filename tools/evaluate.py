@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sana_jax import checkpoint, evaluation
-from sana_jax.data.pipeline import DataConfig
-from sana_jax.sample import SAMPLING_DEFAULTS
+from sana_jax.sample import recorded_settings
 from sana_jax.trainer.monitor import save_grid
 
 _MODEL = flags.DEFINE_string("model", None, "a sana_jax.checkpoint directory, e.g. a workdir's model/")
@@ -37,15 +36,12 @@ def main(argv: list[str]) -> None:
     if not _MODEL.value or not Path(_MODEL.value, checkpoint.CONFIG_FILE).is_file():
         raise app.UsageError(f"--model={_MODEL.value}: expected a checkpoint directory holding "
                              f"{checkpoint.CONFIG_FILE}")
+    logging.set_verbosity(logging.WARNING)
     if _NUM_PROMPTS.value < 1 or _SAMPLES.value < 1:
         raise app.UsageError(f"--num_prompts={_NUM_PROMPTS.value} --samples_per_prompt={_SAMPLES.value}: "
                              "expected positive integers")
-    metadata = checkpoint.load_metadata(_MODEL.value)
-    data = DataConfig.from_mapping(metadata.get("data", {}))
-    given = {"num_steps": _NUM_STEPS.value, "guidance_scale": _GUIDANCE.value, "shift": _SHIFT.value,
-             "solver": _SOLVER.value}
-    sampler = {name: given[name] if given[name] is not None else metadata.get("sampling", {}).get(name, default)
-               for name, default in SAMPLING_DEFAULTS.items()}
+    data, sampler = recorded_settings(_MODEL.value, num_steps=_NUM_STEPS.value, guidance_scale=_GUIDANCE.value,
+                                      shift=_SHIFT.value, solver=_SOLVER.value)
     config, params = checkpoint.load(_MODEL.value)
     result = evaluation.evaluate(params, config, data, num_prompts=_NUM_PROMPTS.value, seed=_SEED.value,
                                  samples_per_prompt=_SAMPLES.value, **sampler)
