@@ -78,7 +78,7 @@ def test_matches_came_pytorch(weight_decay, schedule):
 
 
 def _numpy_came(p, grads, factored, lr, weight_decay, b=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip=1.0):
-    """CAME on one tensor in float64, written out from the algorithm (SPEC section 7).
+    """CAME on one tensor in float64, written out from the algorithm (Luo et al. 2023, CAME, Algorithm 1).
 
     A factored tensor is one (rows, cols) matrix; the others keep full moments and step with m.
     """

@@ -1,6 +1,6 @@
 """Text encoders: the interface and a small deterministic word-level one for the shapes domain.
 
-The interface is what the pipelines and samplers use from Gemma-2 (SPEC section 5):
+The interface is what the pipelines and samplers use from Gemma-2 (`sana_jax.text_encoder`):
 `encode_text(prompts) -> (features (B, L, C) float32, mask (B, L) int32 of 0/1)`, right-padded to
 `max_length` tokens, with `feature_dim` = C.
 """
