@@ -9,6 +9,7 @@ colours task reach 0.30 (shuffled captions: 0.05) on the machine this was measur
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from test_train import tiny_config
@@ -42,12 +43,12 @@ def test_short_run_follows_its_prompts_and_needs_them(tmp_path):
     data = DataConfig(tasks=("colors",), latent="patch_pca")
     prompts = evaluation.eval_prompts(data, 96, seed=1234)
     sample = dict(num_steps=20, guidance_scale=1.5, shift=6.0, solver="flow_dpm_solver")
-    images = evaluation.sample_images(params, model_config, data, prompts, key=evaluation.jax.random.key(0),
+    images = evaluation.sample_images(params, model_config, data, prompts, key=jax.random.key(0),
                                       **sample)
     told = colour_right(prompts, images)
     # The same noise with every caption moved to another image: the prompt no longer matches.
     shuffled = prompts[1:] + prompts[:1]
-    blind = evaluation.sample_images(params, model_config, data, shuffled, key=evaluation.jax.random.key(0),
+    blind = evaluation.sample_images(params, model_config, data, shuffled, key=jax.random.key(0),
                                      **sample)
     ablated = colour_right(prompts, blind)
     assert told >= 0.2, f"colour and shape right in {told:.2f} of samples; chance is {CHANCE:.2f}"

@@ -249,9 +249,8 @@ def test_ema_is_the_warmed_up_average_of_the_iterates():
     config = tiny_config(**{"optimizer.name": "adamw", "optimizer.lr": 1e-2})
     model_config = model_config_for(config, DataConfig.from_mapping(config.data))
     tx = make_optimizer(config.optimizer, 4)
-    step = jax.jit(make_train_step(model_config, tx, learning_rate_schedule(config.optimizer, 4), seed=0, shift=1.0,
-                                   logit_mean=0.0, logit_std=1.0, uniform_fraction=0.0, grad_accum=1,
-                                   ema_decay=0.5))
+    step = jax.jit(make_train_step(model_config, tx, learning_rate_schedule(config.optimizer, 4), seed=0,
+                                   noise_levels={"shift": 1.0}, grad_accum=1, ema_decay=0.5))
     state = init_train_state(init_params(model_config, jax.random.key(0)), tx, ema=True)
     batches = make_train_iterator(config.data.to_dict(), seed=0, batch_size=8, process_index=0, process_count=1)
     expected = jax.tree.map(np.asarray, state["params"])

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from sana_jax.data.pipeline import DataConfig
 from sana_jax.model import init_params
+from sana_jax.trainer.flow_matching import noise_levels
 from sana_jax.trainer.loop import model_config_for
 from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
 from sana_jax.trainer.step import init_train_state, make_train_step
@@ -42,9 +43,7 @@ def main(argv: list[str]) -> None:
     schedule = learning_rate_schedule(config.optimizer, config.steps)
     params = jax.jit(init_params, static_argnums=0)(model_config, jax.random.key(0))
     state = jax.jit(lambda p: init_train_state(p, tx, ema=config.training.ema_decay > 0))(params)
-    step = jax.jit(make_train_step(model_config, tx, schedule, seed=0, shift=config.training.shift,
-                                   logit_mean=config.training.logit_mean, logit_std=config.training.logit_std,
-                                   uniform_fraction=config.training.uniform_fraction,
+    step = jax.jit(make_train_step(model_config, tx, schedule, seed=0, noise_levels=noise_levels(config.training),
                                    grad_accum=config.training.grad_accum, ema_decay=config.training.ema_decay),
                    donate_argnums=0)
     side = model_config.sample_size

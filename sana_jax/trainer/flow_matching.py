@@ -13,6 +13,12 @@ def shift_sigmas(sigmas: jax.Array, shift: float) -> jax.Array:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
+def noise_levels(training) -> dict:
+    """The `sample_sigmas` keywords (shift, logit_mean, logit_std, uniform_fraction) of a config's
+    `training` section."""
+    return {name: training[name] for name in ("shift", "logit_mean", "logit_std", "uniform_fraction")}
+
+
 def sample_sigmas(key: jax.Array, batch: int, *, shift: float, logit_mean: float = 0.0,
                   logit_std: float = 1.0, uniform_fraction: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Training noise levels.
@@ -32,16 +38,15 @@ def sample_sigmas(key: jax.Array, batch: int, *, shift: float, logit_mean: float
     return sigmas, jnp.floor(sigmas * 1000.0)
 
 
-def flow_matching_loss(params: dict, config: SanaConfig, batch: dict, key: jax.Array, *, shift: float,
-                       logit_mean: float = 0.0, logit_std: float = 1.0, uniform_fraction: float = 0.0) -> jax.Array:
-    """Mean squared error of the predicted velocity against noise - x0.
+def flow_matching_loss(params: dict, config: SanaConfig, batch: dict, key: jax.Array, **levels) -> jax.Array:
+    """Mean squared error of the predicted velocity against noise - x0, at noise levels drawn by
+    `sample_sigmas(**levels)`.
 
     batch: {"latents" (B, H, W, C) clean latents x0, "text" (B, L, C_text), "text_mask" (B, L)}.
     """
     x0 = batch["latents"].astype(jnp.float32)
     sigma_key, noise_key = jax.random.split(key)
-    sigmas, timesteps = sample_sigmas(sigma_key, x0.shape[0], shift=shift, logit_mean=logit_mean,
-                                      logit_std=logit_std, uniform_fraction=uniform_fraction)
+    sigmas, timesteps = sample_sigmas(sigma_key, x0.shape[0], **levels)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     s = sigmas[:, None, None, None]
     x_t = (1.0 - s) * x0 + s * noise
@@ -49,16 +54,14 @@ def flow_matching_loss(params: dict, config: SanaConfig, batch: dict, key: jax.A
     return jnp.mean(jnp.square(velocity - (noise - x0)))
 
 
-def evaluation_loss(params: dict, config: SanaConfig, batches: dict, key: jax.Array, *, shift: float,
-                    logit_mean: float = 0.0, logit_std: float = 1.0, uniform_fraction: float = 0.0) -> jax.Array:
+def evaluation_loss(params: dict, config: SanaConfig, batches: dict, key: jax.Array, **levels) -> jax.Array:
     """The flow-matching loss averaged over stacked batches (K, B, ...), batch k with noise from fold_in(key, k).
 
     With a fixed key and fixed batches, successive evaluations differ only through the params.
     """
 
     def one(k, batch):
-        return flow_matching_loss(params, config, batch, jax.random.fold_in(key, k), shift=shift,
-                                  logit_mean=logit_mean, logit_std=logit_std, uniform_fraction=uniform_fraction)
+        return flow_matching_loss(params, config, batch, jax.random.fold_in(key, k), **levels)
 
     count = jax.tree.leaves(batches)[0].shape[0]
     return jnp.mean(jax.lax.map(lambda args: one(*args), (jnp.arange(count), batches)))

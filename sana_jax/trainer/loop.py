@@ -20,7 +20,7 @@ from sana_jax import evaluation
 from sana_jax.data.pipeline import DataConfig, element_shapes, make_train_iterator
 from sana_jax.model import SanaConfig, init_params, preset
 from sana_jax.trainer import monitor, sharding
-from sana_jax.trainer.flow_matching import evaluation_loss
+from sana_jax.trainer.flow_matching import evaluation_loss, noise_levels
 from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
 from sana_jax.trainer.step import init_train_state, make_train_step
 
@@ -114,10 +114,9 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
         state = build_state(jax.device_put(params, params_sharding))
 
     step_fn = jax.jit(
-        make_train_step(model_config, tx, schedule, seed=config.seed, shift=config.training.shift,
-                        logit_mean=config.training.logit_mean, logit_std=config.training.logit_std,
-                        uniform_fraction=config.training.uniform_fraction,
-                        grad_accum=config.training.grad_accum, ema_decay=config.training.ema_decay),
+        make_train_step(model_config, tx, schedule, seed=config.seed,
+                        noise_levels=noise_levels(config.training), grad_accum=config.training.grad_accum,
+                        ema_decay=config.training.ema_decay),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, None), donate_argnums=0)
 
@@ -210,10 +209,8 @@ def _make_evaluation(config: ConfigDict, data_config: DataConfig, model_config: 
     stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
     batches = {k: jax.make_array_from_process_local_data(stacked_sharding, np.stack([b[k] for b in local]))
                for k in ("latents", "text", "text_mask")}
-    t = config.training
     loss = jax.jit(lambda p: evaluation_loss(p, model_config, batches, jax.random.key(config.seed + 2),
-                                             shift=t.shift, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                                             uniform_fraction=t.uniform_fraction))
+                                             **noise_levels(config.training)))
     return lambda params: float(loss(params))
 
 

@@ -23,9 +23,11 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, *, ema: boo
 
 
 def make_train_step(config: SanaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    seed: int, shift: float, logit_mean: float, logit_std: float, uniform_fraction: float,
-                    grad_accum: int, ema_decay: float) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    seed: int, noise_levels: dict, grad_accum: int,
+                    ema_decay: float) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (state, metrics); randomness is a function of (seed, step).
+
+    `noise_levels`: the `sample_sigmas` keywords of the flow-matching loss (`flow_matching.noise_levels`).
 
     The batch's leading axis is split into `grad_accum` micro-batches whose gradients are averaged.
     An update with a non-finite gradient is skipped (params, EMA and optimizer moments unchanged).
@@ -33,9 +35,7 @@ def make_train_step(config: SanaConfig, tx: optax.GradientTransformation, schedu
     base_key = jax.random.key(seed)
 
     def loss_and_grad(params, batch, key):
-        return jax.value_and_grad(flow_matching_loss)(params, config, batch, key, shift=shift,
-                                                      logit_mean=logit_mean, logit_std=logit_std,
-                                                      uniform_fraction=uniform_fraction)
+        return jax.value_and_grad(flow_matching_loss)(params, config, batch, key, **noise_levels)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params = state["params"]
