@@ -92,6 +92,21 @@ def test_dynamic_levels():
     np.testing.assert_allclose(-levels[:127], positive[::-1])
 
 
+def test_dynamic_levels_equal_bitsandbytes_signed_dynamic_map():
+    """bitsandbytes' `create_dynamic_map(signed=True)` (functional.py; 7 exponent bits, 8 bits in all), from its
+    published definition: for i = 0..6 the midpoints of the 2**i + 1 equally spaced points of [0.1, 1], times
+    10**(i - 6), with both signs (no extra linear items: 2**(7 - 7) - 1 = 0), then 0 and 1, sorted; built in
+    float32. NumPy rounds its float64 grid where torch steps in float32: one float32 ulp (6e-8 near 1) apart."""
+    levels = [np.float32(0.0), np.float32(1.0)]
+    for i in range(7):
+        edges = np.linspace(0.1, 1.0, 2**i + 1).astype(np.float32)
+        magnitudes = np.float32(10.0 ** (i - 6)) * ((edges[:-1] + edges[1:]) / np.float32(2))
+        levels += [*magnitudes, *-magnitudes]
+    expected = np.sort(np.array(levels, np.float32))
+    assert expected.shape == (256,)
+    np.testing.assert_allclose(dynamic_tree_levels(), expected, rtol=0, atol=6e-8)
+
+
 def test_dynamic_code_picks_nearest_level():
     rng = np.random.default_rng(1)
     levels = dynamic_tree_levels()

@@ -57,33 +57,61 @@ def test_knockout_with_byes():
     np.testing.assert_array_equal(search.knockout(yes[:, :3], no[:, :3], 2), [[0, 2]])
 
 
-def _sana_bracket(yes: np.ndarray, no: np.ndarray, k: int) -> list[int]:
-    """SANA's pairwise loop, written out over Python lists (N / k a power of two)."""
-    files = list(range(len(yes)))
-    while len(files) > k:
-        kept = []
-        for i in range(0, len(files), 2):
-            a, b = files[i], files[i + 1]
-            answer_a, answer_b = yes[a] > no[a], yes[b] > no[b]
-            if answer_a == answer_b:
-                if answer_a:
-                    kept.append(a if yes[a] > yes[b] else b)
-                else:
-                    kept.append(a if no[a] < no[b] else b)
-            else:
-                kept.append(a if answer_a else b)
-        files = kept
-    return files
+# Pairwise decisions worked by hand from the documented rule (SPEC section 8, SANA's judge script): a
+# candidate answers yes when its yes-logit exceeds its no-logit (equal logits answer no); a yes beats a no;
+# two yeses: the higher yes-logit wins; two noes: the lower no-logit wins; an exact tie goes to b.
+# ((yes_a, no_a), (yes_b, no_b), winner)
+JUDGE_CASES = [
+    ((2, 1), (0, 1), "a"),  # yes beats no
+    ((0, 1), (3, 0), "b"),
+    ((0.5, 0), (9, 9.5), "a"),  # b has the larger yes-logit but answers no
+    ((5, 4), (3, 0), "a"),  # two yeses: 5 > 3, although b's margin is larger
+    ((3, 0), (5, 4), "b"),
+    ((-5, 2), (1, 3), "a"),  # two noes: 2 < 3, although b's yes-logit and margin are larger
+    ((1, 3), (-5, 2), "b"),
+    ((1, 1), (0, 0.5), "b"),  # equal logits answer no; two noes: 0.5 < 1
+    ((2, 2), (0, 3), "a"),  # two noes: 2 < 3
+    ((1, 1), (0, -1), "b"),  # b answers yes (0 > -1)
+    ((4, 1), (4, 0), "b"),  # two yeses with equal yes-logits: tie
+    ((0, 2), (1, 2), "b"),  # two noes with equal no-logits: tie
+    ((1, 0), (1, 0), "b"),
+]
 
 
-def test_knockout_matches_scalar_loop_on_random_tables():
-    rng = np.random.default_rng(0)
-    # Rounded logits make ties and equal answers frequent.
-    yes = np.round(rng.normal(size=(5, 32)), 1)
-    no = np.round(rng.normal(size=(5, 32)), 1)
-    for k in (1, 4, 8):
-        expected = [_sana_bracket(y, n, k) for y, n in zip(yes, no, strict=True)]
-        np.testing.assert_array_equal(search.knockout(yes, no, k), expected)
+def test_judge_winner_follows_the_table():
+    a = np.array([case[0] for case in JUDGE_CASES], float)
+    b = np.array([case[1] for case in JUDGE_CASES], float)
+    expected = [case[2] == "a" for case in JUDGE_CASES]
+    np.testing.assert_array_equal(search.judge_winner(a[:, 0], a[:, 1], b[:, 0], b[:, 1]), expected)
+
+
+# Brackets worked by hand. A round with m > k survivors plays min(m // 2, m - k) matches over adjacent pairs
+# in order; winners come first, the unmatched tail gets byes.
+_SEVEN = [(2, 5), (0, 3), (1, 0), (6, 7), (4, 4), (3, 1), (9, 10)]  # answers: no no yes no no yes no
+# Round 1 for every k < 4 plays (0,1) -> 1 (noes, 3 < 5), (2,3) -> 2 (yes), (4,5) -> 5 (yes); 6 has a bye.
+BRACKETS = [
+    # Seven to one: [1, 2, 5, 6]; round 2 (1,2) -> 2 (yes), (5,6) -> 5 (yes); round 3 (2,5) -> 5 (3 > 1).
+    (_SEVEN, 1, [5]),
+    (_SEVEN, 2, [2, 5]),  # [1, 2, 5, 6], then both matches of round 2
+    # [1, 2, 5, 6], then one match (4 - 3): (1,2) -> 2; 5 and 6 get byes. 6 (yes-logit 9, answers no) survives.
+    (_SEVEN, 3, [2, 5, 6]),
+    (_SEVEN, 4, [1, 2, 5, 6]),  # three matches (7 - 4), then done
+    (_SEVEN, 5, [1, 2, 4, 5, 6]),  # two matches: (0,1) -> 1, (2,3) -> 2; byes 4, 5, 6
+    (_SEVEN, 6, [1, 2, 3, 4, 5, 6]),  # one match: (0,1) -> 1
+    (_SEVEN, 7, [0, 1, 2, 3, 4, 5, 6]),  # no match
+    # All yes, yes-logits [3, 9, 4, 1, 7, 2, 8, 5]. Eight to three: round 1 four matches -> [1, 2, 4, 6];
+    # round 2 one match (4 - 3): (1,2) -> 1 (9 > 4), byes 4 and 6.
+    ([(3, 0), (9, 0), (4, 0), (1, 0), (7, 0), (2, 0), (8, 0), (5, 0)], 3, [1, 4, 6]),
+    # Eight identical candidates: every match is a tie and the second wins: [1, 3, 5, 7] -> [3, 7] -> [7].
+    ([(1, 0)] * 8, 1, [7]),
+    ([(1, 0)] * 8, 2, [3, 7]),
+]
+
+
+@pytest.mark.parametrize("candidates, k, expected", BRACKETS)
+def test_knockout_follows_hand_worked_brackets(candidates, k, expected):
+    table = np.array(candidates, float)[None]
+    np.testing.assert_array_equal(search.knockout(table[..., 0], table[..., 1], k), [expected])
 
 
 @pytest.mark.parametrize("k", [0, 5, 1.5])

@@ -254,6 +254,25 @@ def test_identity_block_scores_zero_and_is_pruned_first(params):
     assert surgery.most_important_blocks(importance, 3) == [0, 2, 3]
 
 
+def test_block_importance_of_a_constructed_stream_is_known_in_closed_form(params):
+    """A zero patch kernel with bias e0 makes every token enter as e0. With the self-attention and FFN outputs
+    and the cross-attention output kernel zeroed, block i adds its cross-attention output bias u_i to every
+    token, so with u = (-2 e0, e0 + e1, 0, e0) the stream is e0 -> -e0 -> e1 -> e1 -> e0 + e1 whatever the
+    latents, text and timestep, and BI_i = 1 - cos(h_i, h_i+1) = (2, 1, 0, 1 - 1/sqrt(2)): a block that
+    negates the stream scores 2, a right-angle turn 1, an identity 0."""
+    e = np.eye(CONFIG.hidden, dtype=np.float32)
+    blocks = jax.tree.map(lambda x: x, params["blocks"])  # a new tree: the fixture stays untouched
+    for names in OUTPUTS:
+        leaf = _get(blocks, names[:-1])
+        leaf[names[-1]] = jnp.zeros_like(leaf[names[-1]])
+    blocks["attn2"]["to_out"]["bias"] = jnp.asarray(np.stack([-2 * e[0], e[0] + e[1], 0 * e[0], e[0]]))
+    patch_embed = {"kernel": jnp.zeros_like(params["patch_embed"]["kernel"]), "bias": jnp.asarray(e[0])}
+    constructed = {**params, "blocks": blocks, "patch_embed": patch_embed}
+    got = surgery.block_importance_per_timestep(constructed, CONFIG, [_batch(2, 14)], timesteps=(0, 500, 999),
+                                                progress=False)
+    np.testing.assert_allclose(got, np.tile([2.0, 1.0, 0.0, 1 - np.sqrt(0.5)], (3, 1)), rtol=0, atol=1e-6)
+
+
 def test_block_importance_rejects_bad_input(params):
     with pytest.raises(ValueError, match="batches is empty"):
         surgery.block_importance(params, CONFIG, [], progress=False)
