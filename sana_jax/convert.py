@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -434,7 +434,11 @@ def open_safetensors(folder: str | Path) -> Iterator[tuple[dict[str, tuple[int, 
     with contextlib.ExitStack() as stack:
         handles = {}
         for name in files:
-            handle = stack.enter_context(safe_open(folder / name, framework="np"))
+            try:
+                handle = stack.enter_context(safe_open(folder / name, framework="np"))
+            except SafetensorError as e:
+                raise ValueError(f"{folder / name}: not a readable .safetensors file ({e}); expected a complete "
+                                 "file (a truncated download?)") from None
             handles.update(dict.fromkeys(handle.keys(), handle))
         shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in handles.items()}
         dtypes = {h.get_slice(k).get_dtype() for k, h in handles.items()}

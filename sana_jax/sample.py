@@ -5,7 +5,8 @@
 
 Writes to --out, per prompt p (numbered from 0 in the order given):
   p{p:03d}_keep{r}.png    the r-th kept candidate (best first for best_of_n, bracket order for knockout);
-  p{p:03d}_sheet.png      all candidates with their scores, kept ones framed green, the rest red;
+  p{p:03d}_sheet.png      the candidates (the first 64 and any kept one) with their scores, kept ones framed
+                          green, the rest red;
 and scores.json: the settings and, per prompt, its text, N scores and the kept candidate indices.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sana_jax import checkpoint
+from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig, make_autoencoder, make_text_encoder
 from sana_jax.scaling import search
 from sana_jax.scaling.candidates import generate_candidates
@@ -33,6 +36,7 @@ VERIFIERS = ("checker", "learned", "clip", "vlm")
 SAMPLING_DEFAULTS = {"num_steps": 20, "guidance_scale": 4.5, "shift": 3.0, "solver": "flow_dpm_solver"}
 TEXT_ENCODERS = ("shapes", "gemma")
 AUTOENCODERS = ("shapes", "dcae")
+SHEET_SIZE = 64  # candidates on a contact sheet, besides kept ones beyond them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, kind in (("num_steps", int), ("guidance_scale", float), ("shift", float), ("solver", str)):
         parser.add_argument(f"--{name}", type=kind, help=f"default: the checkpoint's metadata, else "
                             f"{SAMPLING_DEFAULTS[name]}")
-    parser.add_argument("--chunk_size", type=int, help="candidates sampled at once (default: all N)")
+    parser.add_argument("--chunk_size", type=int, help="candidates sampled at once (default: all N, or as "
+                        "many as fit in a quarter of the free memory)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the checkpoint's "
                         f"metadata, else {DataConfig.resolution})")
     parser.add_argument("--text_encoder", default="shapes", choices=TEXT_ENCODERS)
@@ -86,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.data, sampler = recorded_settings(args.checkpoint, **{k: getattr(args, k) for k in SAMPLING_DEFAULTS})
     for name, value in sampler.items():
         setattr(args, name, value)
+    for name, ok, expected in (
+            ("num_steps", args.num_steps >= 1, "an integer >= 1"),
+            ("guidance_scale", math.isfinite(args.guidance_scale) and args.guidance_scale >= 0,
+             "a non-negative number (1: no guidance)"),
+            ("shift", math.isfinite(args.shift) and args.shift > 0, "a positive number"),
+            ("chunk_size", args.chunk_size is None or args.chunk_size >= 1, "an integer >= 1")):
+        if not ok:
+            parser.error(f"--{name}={getattr(args, name)}: expected {expected}")
     if args.resolution is None:
         args.resolution = args.data.resolution
     return args
@@ -142,6 +155,21 @@ def judge(verifier: Any, images: np.ndarray, prompt: str, keep: int, method: str
     return scores, search.best_of_n(scores[None], keep)[0]
 
 
+def encode_prompts(text_encoder: Any, prompts: list[str], *, grammar: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each prompt's (text (1, L, C), mask (1, L)); exits naming the first prompt that does not encode (or,
+    with `grammar`, is not in the shapes grammar the checker reads) before anything is sampled or written."""
+    encoded = []
+    for p, prompt in enumerate(prompts):
+        try:
+            encoded.append(text_encoder.encode_text([prompt]))
+            if grammar:
+                shapes.parse_prompt(prompt)
+        except ValueError as error:
+            print(f"error: prompt {p} ({prompt!r}): {error}", file=sys.stderr)
+            sys.exit(2)
+    return encoded
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config, params = checkpoint.load(args.checkpoint)
@@ -151,26 +179,28 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--resolution={args.resolution}: expected a multiple of the autoencoder's "
                          f"downsampling factor {autoencoder.downsample}")
     side = args.resolution // autoencoder.downsample
+    encoded = encode_prompts(text_encoder, args.prompt, grammar=args.verifier == "checker")
     null_text, null_mask = (x[0] for x in text_encoder.encode_text([""]))
     key = jax.random.key(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     results = []
-    for p, prompt in enumerate(tqdm(args.prompt, desc="prompts")):
-        text, mask = text_encoder.encode_text([prompt])
+    for p, (prompt, (text, mask)) in enumerate(zip(tqdm(args.prompt, desc="prompts"), encoded, strict=True)):
         latents = generate_candidates(
             params, config, text, mask, null_text, null_mask, key, num_candidates=args.num_candidates,
             height=side, width=side, chunk_size=args.chunk_size, num_steps=args.num_steps,
-            guidance_scale=args.guidance_scale, shift=args.shift, solver=args.solver, prompt_ids=[p])[0]
+            guidance_scale=args.guidance_scale, shift=args.shift, solver=args.solver, prompt_ids=[p],
+            progress=True)[0]
         images = np.clip(np.asarray(autoencoder.decode(latents), np.float32), 0.0, 1.0)
         scores, kept = judge(verifier, images, prompt, args.keep, args.method)
         files = []
         for rank, i in enumerate(kept):
             files.append(f"p{p:03d}_keep{rank}.png")
             Image.fromarray(np.round(images[i] * 255).astype(np.uint8)).save(out / files[-1])
-        labels = [f"#{i} score {s:.3f}" + (" kept" if i in kept else "") for i, s in enumerate(scores)]
-        save_grid(out / f"p{p:03d}_sheet.png", images, labels, verdicts=[i in kept for i in range(len(images))],
+        shown = sorted(set(range(min(len(images), SHEET_SIZE))) | set(kept.tolist()))
+        labels = [f"#{i} score {scores[i]:.3f}" + (" kept" if i in kept else "") for i in shown]
+        save_grid(out / f"p{p:03d}_sheet.png", images[shown], labels, verdicts=[i in kept for i in shown],
                   title=prompt)
         results.append({"prompt": prompt, "scores": scores.tolist(), "selected": kept.tolist(), "files": files})
 

@@ -33,6 +33,11 @@ def _check_schedule(num_steps: int, shift: float, solver: str = SOLVERS[0]) -> N
         raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
 
 
+def shift_sigmas(sigmas, shift: float):
+    """sigma -> s * sigma / (1 + (s - 1) * sigma): more time at high noise for s > 1 (NumPy or JAX arrays)."""
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
 def flow_sigmas(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     """The shifted flow schedule.
 
@@ -42,8 +47,7 @@ def flow_sigmas(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     """
     _check_schedule(num_steps, shift)
     base = 1.0 - np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, num_steps + 1)
-    shifted = shift * base / (1.0 + (shift - 1.0) * base)
-    sigmas = np.flip(shifted)[:-1]
+    sigmas = np.flip(shift_sigmas(base, shift))[:-1]
     timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)
     return np.append(sigmas, 0.0).astype(np.float32), timesteps
 
@@ -82,21 +86,27 @@ def sample_flow(
     num_steps: int = 20,
     shift: float = 3.0,
     solver: str = "flow_dpm_solver",
+    schedule: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> jax.Array:
     """Integrates the flow from `noise` (sigma = 1) to a sample (sigma = 0).
 
     Args:
       velocity_fn: `(x, timesteps) -> v`, x of noise's shape (B, ...), timesteps (B,) float32 holding the
-        integer model timesteps of `flow_sigmas`.
+        model timesteps of the schedule.
       noise: (B, ...) starting point.
       num_steps, shift: the schedule of `flow_sigmas`; static.
       solver: "flow_dpm_solver" (DPM-Solver++ 2M) or "euler".
+      schedule: another schedule instead, (sigmas (num_steps + 1,) decreasing to 0, timesteps (num_steps,)),
+        e.g. diffusers' FlowMatchEulerDiscreteScheduler's; host arrays.
 
     Returns:
       The final x0 sample, float32, noise's shape.
     """
     _check_schedule(num_steps, shift, solver)
-    sigmas, timesteps = flow_sigmas(num_steps, shift)
+    sigmas, timesteps = flow_sigmas(num_steps, shift) if schedule is None else schedule
+    if len(sigmas) != num_steps + 1 or len(timesteps) != num_steps or sigmas[-1] != 0:
+        raise ValueError(f"schedule of {len(sigmas)} sigmas (last {sigmas[-1]}) and {len(timesteps)} timesteps: "
+                         f"expected {num_steps + 1} sigmas ending at 0 and {num_steps} timesteps")
     a, b, c = _update_coefficients(sigmas, solver)
     per_step = (sigmas[:-1], timesteps.astype(np.float32), a, b, c)
     batch = noise.shape[0]
@@ -126,6 +136,43 @@ def classifier_free_guidance(velocity_fn: VelocityFn, guidance_scale: float) -> 
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
     return guided
+
+
+def sample_from_noise(
+    params,
+    config: SanaConfig,
+    noise: jax.Array,
+    text: jax.Array,
+    text_mask: jax.Array,
+    null_text: jax.Array,
+    null_mask: jax.Array,
+    *,
+    num_steps: int = 20,
+    guidance_scale: float = 4.5,
+    shift: float = 3.0,
+    solver: str = "flow_dpm_solver",
+) -> jax.Array:
+    """Samples latents from given noise with classifier-free guidance (pure; jit- and vmap-able).
+
+    Args:
+      params, config: the model.
+      noise: (B, h, w, config.in_channels) starting noise.
+      text: (B, L, C_text) caption features; text_mask: (B, L) of 0/1.
+      null_text, null_mask: the negative caption, broadcastable to text's and text_mask's shapes.
+      num_steps, shift, solver: see `sample_flow`; guidance_scale 1 runs the positive branch alone. All static.
+
+    Returns:
+      (B, h, w, config.in_channels) float32 latents.
+    """
+    if guidance_scale == 1.0:
+        velocity = lambda x, t: sana_model.forward(params, config, x, t, text, text_mask)
+    else:
+        both_text = jnp.concatenate([jnp.broadcast_to(null_text, text.shape).astype(text.dtype), text])
+        both_mask = jnp.concatenate([jnp.broadcast_to(null_mask, text_mask.shape).astype(text_mask.dtype),
+                                     text_mask])
+        velocity = classifier_free_guidance(
+            lambda x, t: sana_model.forward(params, config, x, t, both_text, both_mask), guidance_scale)
+    return sample_flow(velocity, noise, num_steps=num_steps, shift=shift, solver=solver)
 
 
 @functools.partial(
@@ -169,16 +216,6 @@ def generate(
     if text.ndim != 3 or text.shape[-1] != config.caption_channels or text_mask.shape != text.shape[:2]:
         raise ValueError(f"text {text.shape} / text_mask {text_mask.shape}: "
                          f"expected (B, L, {config.caption_channels}) / (B, L)")
-    null_text = jnp.broadcast_to(null_text, text.shape).astype(text.dtype)
-    null_mask = jnp.broadcast_to(null_mask, text_mask.shape).astype(text_mask.dtype)
-
     noise = jax.random.normal(key, (text.shape[0], height, width, config.in_channels), jnp.float32)
-    if guidance_scale == 1.0:
-        velocity = lambda x, t: sana_model.forward(params, config, x, t, text, text_mask)
-    else:
-        both_text = jnp.concatenate([null_text, text])
-        both_mask = jnp.concatenate([null_mask, text_mask])
-        velocity = classifier_free_guidance(
-            lambda x, t: sana_model.forward(params, config, x, t, both_text, both_mask), guidance_scale
-        )
-    return sample_flow(velocity, noise, num_steps=num_steps, shift=shift, solver=solver)
+    return sample_from_noise(params, config, noise, text, text_mask, null_text, null_mask, num_steps=num_steps,
+                             guidance_scale=guidance_scale, shift=shift, solver=solver)

@@ -34,7 +34,7 @@ def test_round_trip_is_exact(tmp_path):
 
 def test_load_restores_into_given_shardings(tmp_path):
     params = _params(np.random.default_rng(1))
-    checkpoint.save(tmp_path / "ckpt", preset("tiny"), params)
+    checkpoint.save(tmp_path / "ckpt", dataclasses.replace(preset("tiny"), depth=3), params)
     mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -117,6 +117,10 @@ def test_masked_text_tokens_are_ignored(model):
     changed[0, 3:] = 100.0  # the masked tail of the first caption
     np.testing.assert_allclose(forward(params, CONFIG, x, t, changed, mask), forward(params, CONFIG, x, t, text, mask),
                                atol=1e-5)
+    changed[0, 3] = np.nan
+    changed[0, 4] = np.inf
+    np.testing.assert_allclose(jax.jit(forward, static_argnums=1)(params, CONFIG, x, t, changed, mask),
+                               forward(params, CONFIG, x, t, text, mask), atol=1e-5)
 
 
 def test_bf16_params_and_compute_stay_close(model):
@@ -154,6 +158,14 @@ def test_bad_inputs_are_named(model):
         forward(params, CONFIG, x[..., :3], t, text, mask)
     with pytest.raises(ValueError, match="patch_size=2"):
         forward(params, dataclasses.replace(CONFIG, patch_size=2), x[:, :5], t, text, mask)
+    with pytest.raises(ValueError, match=r"text_mask holds \[0.5\]: expected 0/1"):
+        forward(params, CONFIG, x, t, text, np.where(mask == 0, 0.5, 1.0))
+    with pytest.raises(ValueError, match=r"latents has shape \(6, 10, 4\): expected \(B, H, W, C\)"):
+        forward(params, CONFIG, x[0], t, text, mask)
+    with pytest.raises(ValueError, match=r"timesteps has shape \(\): expected \(B,\)"):
+        forward(params, CONFIG, x, t[0], text, mask)
+    with pytest.raises(ValueError, match="text has batch 1, latents have 2"):
+        forward(params, CONFIG, x, t, text[:1], mask[:1])
     with pytest.raises(ValueError, match="unknown preset"):
         preset("sana_9000m")
     with pytest.raises(ValueError, match="unknown SanaConfig fields"):

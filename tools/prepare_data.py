@@ -5,8 +5,9 @@
 SRC is a folder of images with same-named .txt captions, or a JSONL file of
 {"image": path, "caption": text} lines. DST receives `data-SSSSS.array_record` shards,
 `null_caption.npz` and `metadata.json` (see sana_jax/data/records.py); train from it with the data
-config `source="array_record", data_dir=DST`. Rerunning the same command resumes by shard.
-Images that cannot be read are skipped and listed at the end.
+config `source="array_record", data_dir=DST`. Rerunning the same command resumes by shard (and
+rewrites the shards whose captions were edited since). Images that cannot be read and captions the
+text encoder refuses (e.g. a word outside the shapes vocabulary) are skipped and listed at the end.
 
 The built-in space-to-depth autoencoder and word-level text encoder are the defaults; --dc_ae and
 --gemma swap in a DC-AE and Gemma-2, which share their interfaces.

@@ -4,7 +4,8 @@ A collection is either a folder of images, each with a caption file of the same 
 `cat.txt`), or a JSONL file with one `{"image": path, "caption": text}` object per line (relative
 paths are relative to the JSONL file's folder). Items are sorted and cut into shards of `shard_size`;
 a shard is done once its `data-SSSSS.json` summary exists, so an interrupted run resumes at the
-first unfinished shard. Unreadable images are skipped and reported, never fatal.
+first unfinished shard; a done shard whose captions have changed since is written again. Unreadable
+images and captions the text encoder refuses are skipped and reported, never fatal.
 """
 
 from __future__ import annotations
@@ -81,35 +82,64 @@ def describe(encoder: Any) -> dict[str, Any]:
     return {"name": type(encoder).__name__, "config": config}
 
 
-def _fingerprint(items: Sequence[Item]) -> str:
+def _fingerprint(strings: Sequence[str]) -> str:
     digest = hashlib.sha256()
-    for item in items:
-        digest.update(f"{item.image}\0{item.caption}\0".encode())
+    for string in strings:
+        digest.update(f"{string}\0".encode())
     return digest.hexdigest()
+
+
+def _item_fingerprint(items: Sequence[Item]) -> str:
+    return _fingerprint([s for item in items for s in (item.image, item.caption)])
+
+
+def _encode_captions(text_encoder: TextEncoder, captions: Sequence[str]
+                     ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict[int, str]]:
+    """({i: (text (L, C), mask (L,))} for the captions that encode, {i: reason} for the others).
+
+    Encodes the batch at once; only when that fails, caption by caption to find the ones to skip.
+    """
+    try:
+        text, mask = text_encoder.encode_text(captions)
+        return dict(enumerate(zip(text, mask, strict=True))), {}
+    except ValueError:
+        pass
+    encoded, refused = {}, {}
+    for i, caption in enumerate(captions):
+        try:
+            text, mask = text_encoder.encode_text([caption])
+            encoded[i] = (text[0], mask[0])
+        except ValueError as e:
+            refused[i] = f"caption: {e}"
+    return encoded, refused
 
 
 def _write_one_shard(path: Path, items: Sequence[Item], autoencoder: Autoencoder, text_encoder: TextEncoder,
                      resolution: int, batch_size: int, progress: tqdm) -> dict[str, Any]:
-    """Encodes and writes one shard; returns its summary {"records", "skipped"}."""
+    """Encodes and writes one shard; returns its summary {"records", "skipped", "fingerprint"}."""
     serialised, skipped = [], []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        pixels, captions = [], []
+        readable, pixels = [], []
         for item in batch:
             try:
                 pixels.append(images.load_image(item.image, resolution))
-                captions.append(item.caption)
+                readable.append(item)
             except Exception as e:  # any decoder failure means the file is unusable
                 skipped.append((item.image, f"{type(e).__name__}: {e}"))
         progress.update(len(batch))
-        if not pixels:
+        encoded, refused = _encode_captions(text_encoder, [item.caption for item in readable])
+        skipped += [(readable[i].image, reason) for i, reason in refused.items()]
+        if not encoded:
             continue
-        latents = np.asarray(autoencoder.encode(np.stack(pixels)), np.float32)
-        text, mask = text_encoder.encode_text(captions)
-        serialised += [records.encode_record(*row) for row in zip(latents, text, mask, captions, strict=True)]
+        latents = np.asarray(autoencoder.encode(np.stack([pixels[i] for i in encoded])), np.float32)
+        serialised += [records.encode_record(latent, text, mask, readable[i].caption)
+                       for latent, (i, (text, mask)) in zip(latents, encoded.items(), strict=True)]
     if serialised:
         records.write_shard(path, serialised)
-    return {"records": len(serialised), "skipped": skipped}
+    else:
+        path.unlink(missing_ok=True)  # from an earlier run with other captions
+    return {"records": len(serialised), "skipped": skipped, "fingerprint": _item_fingerprint(items)}
 
 
 def prepare(items: Sequence[Item], out_dir: str | os.PathLike, *, autoencoder: Autoencoder,
@@ -117,7 +147,8 @@ def prepare(items: Sequence[Item], out_dir: str | os.PathLike, *, autoencoder: A
             skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Writes `items` as a prepared dataset in `out_dir` (format in `sana_jax.data.records`).
 
-    Resumes a run with the same items and settings; refuses an `out_dir` prepared differently.
+    Resumes a run with the same images and settings (rewriting done shards whose captions changed);
+    refuses an `out_dir` prepared from other images or with other settings.
     `skipped` lists inputs already left out while reading the collection, for the report.
     Returns the metadata that is also written to `out_dir/metadata.json`.
     """
@@ -127,8 +158,8 @@ def prepare(items: Sequence[Item], out_dir: str | os.PathLike, *, autoencoder: A
     out_dir.mkdir(parents=True, exist_ok=True)
     num_shards = -(-len(items) // shard_size)
     plan = json.loads(json.dumps({  # as it reads back from JSON
-        "items": len(items), "fingerprint": _fingerprint(items), "shard_size": shard_size,
-        "resolution": resolution, "autoencoder": describe(autoencoder),
+        "items": len(items), "fingerprint": _fingerprint([item.image for item in items]),
+        "shard_size": shard_size, "resolution": resolution, "autoencoder": describe(autoencoder),
         "text_encoder": describe(text_encoder)}))
     plan_path = out_dir / PLAN
     if plan_path.exists():
@@ -147,9 +178,11 @@ def prepare(items: Sequence[Item], out_dir: str | os.PathLike, *, autoencoder: A
             summary_path = out_dir / records.shard_name(shard).replace(records.SHARD_SUFFIX, ".json")
             shard_items = items[shard * shard_size:(shard + 1) * shard_size]
             if summary_path.exists():
-                summaries.append(json.loads(summary_path.read_text()))
-                progress.update(len(shard_items))
-                continue
+                summary = json.loads(summary_path.read_text())
+                if summary.get("fingerprint") == _item_fingerprint(shard_items):
+                    summaries.append(summary)
+                    progress.update(len(shard_items))
+                    continue
             summary = _write_one_shard(out_dir / records.shard_name(shard), shard_items, autoencoder,
                                        text_encoder, resolution, batch_size, progress)
             summary_path.write_text(json.dumps(summary, indent=2))

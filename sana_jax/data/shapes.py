@@ -14,6 +14,7 @@ Image coordinates are pixels, x to the right and y down; a box is (x0, y0, x1, y
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,12 +129,17 @@ def format_prompt(spec: PromptSpec) -> str:
     return " and ".join(_noun_phrase(t) for t in things)
 
 
+def prompt_words(text: str) -> list[str]:
+    """The words of a prompt, lowercased and without punctuation: "A Red Circle." -> ["a", "red", "circle"]."""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
 class _Tokens:
     """A cursor over the words of a prompt, for the recursive-descent parser."""
 
     def __init__(self, text: str):
         self.text = text
-        self.words = text.lower().split()
+        self.words = prompt_words(text)
         self.pos = 0
 
     def error(self, expected: str) -> ValueError:

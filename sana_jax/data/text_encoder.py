@@ -32,7 +32,7 @@ class TextEncoder(Protocol):
 class WordTextEncoder:
     """Fixed random word embeddings with light positional mixing.
 
-    Prompts are lowercased, stripped and split on whitespace. Token i gets
+    Prompts are lowercased and split into words, punctuation dropped (`shapes.prompt_words`). Token i gets
     `e(w_i) + 0.5 e(w_{i-1}) + 0.25 p_i`, divided by the norm of those weights so entries have about
     unit variance; e and p are Gaussian tables drawn from `seed` (identical in every process) and the
     previous-word term binds a colour or number to the noun after it. Padding positions are zero
@@ -60,7 +60,7 @@ class WordTextEncoder:
 
     def tokenize(self, prompt: str) -> list[int]:
         """Word ids of `prompt`; a clear error for unknown words and prompts that are too long."""
-        words = prompt.lower().strip().split()
+        words = shapes.prompt_words(prompt)
         unknown = [w for w in words if w not in self._ids]
         if unknown:
             raise ValueError(f"unknown word {unknown[0]!r} in prompt {prompt!r}; the vocabulary is "

@@ -343,6 +343,7 @@ class SanaTransformer(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.compute_dtype)
         dense = functools.partial(Dense, param_dtype=cfg.param_dtype, dtype=dtype)
+        _check_inputs(latents, timesteps, text, text_mask)
         batch, height, width, channels = latents.shape
         p = cfg.patch_size
         if height % p or width % p:
@@ -352,8 +353,6 @@ class SanaTransformer(nn.Module):
         if text.shape[-1] != cfg.caption_channels:
             raise ValueError(f"text features have {text.shape[-1]} channels; "
                              f"config.caption_channels={cfg.caption_channels}")
-        if text_mask.shape != text.shape[:2]:
-            raise ValueError(f"text_mask shape {text_mask.shape} does not match text {text.shape[:2]}")
         h, w = height // p, width // p
 
         # Patch embedding: a p x p stride-p convolution, as a matmul on (p, p, C) patches.
@@ -364,7 +363,9 @@ class SanaTransformer(nn.Module):
         # Timestep: sinusoid -> MLP (emb, D) -> 6D modulation shared by every block.
         emb, t6 = TimeEmbed(cfg, name="time_embed")(timesteps)
 
-        caption = CaptionProjection(cfg, name="caption_projection")(text.astype(dtype))
+        # Masked tokens are replaced, not only down-weighted: a NaN or inf there cannot reach the output.
+        kept = text_mask[..., None] > 0
+        caption = CaptionProjection(cfg, name="caption_projection")(jnp.where(kept, text, 0).astype(dtype))
         caption = RMSNorm("embed", scale_init=cfg.caption_norm_init, param_dtype=cfg.param_dtype,
                           name="caption_norm")(caption)
         caption_bias = (1.0 - text_mask.astype(jnp.float32)) * MASK_BIAS
@@ -394,6 +395,25 @@ class SanaTransformer(nn.Module):
         if self.collect_hidden:
             return velocity, jnp.concatenate([x_in[None], hidden], axis=0)
         return velocity
+
+
+def _check_inputs(latents, timesteps, text, text_mask):
+    """One-line errors for inputs of the wrong rank or shape, and for masks that are not 0/1."""
+    ranks = {"latents": (latents, 4, "(B, H, W, C)"), "timesteps": (timesteps, 1, "(B,)"),
+             "text": (text, 3, "(B, L, C_text)"), "text_mask": (text_mask, 2, "(B, L)")}
+    for name, (array, rank, layout) in ranks.items():
+        if jnp.ndim(array) != rank:
+            raise ValueError(f"{name} has shape {jnp.shape(array)}: expected {layout}")
+    batch = latents.shape[0]
+    for name, array in (("timesteps", timesteps), ("text", text), ("text_mask", text_mask)):
+        if array.shape[0] != batch:
+            raise ValueError(f"{name} has batch {array.shape[0]}, latents have {batch}")
+    if text_mask.shape != text.shape[:2]:
+        raise ValueError(f"text_mask shape {text_mask.shape} does not match text {text.shape[:2]}")
+    if not isinstance(text_mask, jax.core.Tracer):
+        values = np.unique(np.asarray(text_mask))
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"text_mask holds {values[~np.isin(values, (0, 1))][:5].tolist()}: expected 0/1")
 
 
 def _dummy_inputs(config: SanaConfig):
@@ -427,7 +447,8 @@ def forward(params: dict, config: SanaConfig, latents: jax.Array, timesteps: jax
     Args:
       latents: (B, H, W, C_in) noisy latents.
       timesteps: (B,) model timesteps, sigma * 1000 truncated to integers.
-      text: (B, L, C_text) caption features; text_mask: (B, L) of 0/1.
+      text: (B, L, C_text) caption features; text_mask: (B, L) of 0/1 (0: the token is ignored, whatever
+        its features hold).
     """
     return SanaTransformer(config).apply({"params": params}, latents, timesteps, text, text_mask)
 

@@ -15,6 +15,8 @@ enters the next step only. Every other statistic stays float32.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -193,8 +195,10 @@ def came(
 
     `weight_decay` multiplies the pre-update parameter (p -= lr * wd * p), on the leaves selected by
     `weight_decay_mask` (an optax mask: pytree of bools or a callable of params; None = all leaves).
-    The other arguments are those of `scale_by_came`.
+    The other arguments are those of `scale_by_came`. A fixed learning rate must be finite and positive.
     """
+    if isinstance(learning_rate, numbers.Real) and not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate={learning_rate!r}: expected a finite positive number or a schedule")
     preconditioner = scale_by_came(b1, b2, b3, eps, clip_threshold, factoring=factoring,
                                    eight_bit=eight_bit, scheme=scheme, min_8bit_size=min_8bit_size)
     decay = [optax.add_decayed_weights(weight_decay, weight_decay_mask)] if weight_decay else []

@@ -31,6 +31,8 @@ def default_config() -> ConfigDict:
     c.eval_batches = 4  # batches of `batch_size` in that loss (0: no evaluation)
     c.max_nonfinite_in_a_row = 20  # consecutive skipped updates before the run stops
     c.init_checkpoint = ""  # start from these weights (a sana_jax.checkpoint directory)
+    # A workdir whose checkpoints hold another model than this config's is refused; True resumes it anyway.
+    c.resume_saved_model = False
 
     c.mesh = ConfigDict({"data": -1, "fsdp": 1})
 

@@ -1,4 +1,4 @@
-"""Rectified-flow training objective (SANA section 3 of the spec): logit-normal timesteps, shift, MSE."""
+"""Rectified-flow training objective: logit-normal timesteps, shift, MSE on the velocity noise - x0."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from sana_jax.model import SanaConfig, forward
-
-
-def shift_sigmas(sigmas: jax.Array, shift: float) -> jax.Array:
-    """sigma -> s * sigma / (1 + (s - 1) * sigma): more time at high noise for s > 1."""
-    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+from sana_jax.sampling import shift_sigmas
 
 
 def noise_levels(training) -> dict:

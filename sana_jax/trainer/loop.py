@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -25,7 +33,22 @@ from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
 from sana_jax.trainer.step import init_train_state, make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
+UNRESTORABLE_DIR = "checkpoints_unrestorable"  # checkpoints that failed to restore, moved out of the way
 MODEL_DIR = "model"  # the final weights (EMA when enabled) as a sana_jax.checkpoint
+# SanaConfig fields that say how the model runs, not what it is: a resumed run takes them from the config.
+RUNTIME_FIELDS = ("compute_dtype", "remat", "attention_impl", "unroll_blocks")
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot continue this run; the message says why and how to go on."""
+
+
+class Stopped(Exception):
+    """Training stopped on SIGINT or SIGTERM once its state at `step` was saved."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped at step {step}; the same command resumes")
+        self.step, self.signum = step, signum
 
 
 def model_config_for(config: ConfigDict, data_config: DataConfig) -> SanaConfig:
@@ -47,38 +70,177 @@ def _checkpoint_manager(workdir: Path, config: ConfigDict) -> ocp.CheckpointMana
 
 
 def saved_model_config(workdir: Path) -> SanaConfig | None:
-    """The model config of the latest checkpoint in a workdir, or None when it has none."""
+    """The model config of the newest checkpoint in a workdir that records one, or None when none does."""
     manager = ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute())
-    step = manager.latest_step()
-    if step is None:
-        return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    return SanaConfig.from_dict(meta["model_config"])
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            return SanaConfig.from_dict(meta["model_config"])
+        except Exception:  # a damaged checkpoint: `train` reports it when it fails to restore
+            continue
+    return None
+
+
+def _base_section(config: ConfigDict) -> ConfigDict:
+    if "base" not in config or config.base is None:
+        raise ValueError("this run needs a base model: set growth/prune.base_checkpoint or a `base` section")
+    return config.base
+
+
+def planned_model_config(config: ConfigDict) -> SanaConfig:
+    """The model a config trains, found without training: its init checkpoint's, its preset's with the
+    overrides, or for a growth or prune run its base model's at the target depth."""
+    stage = config.growth if config.growth is not None else config.prune
+    if stage is not None:
+        base = (sana_checkpoint.load_config(stage.base_checkpoint) if stage.base_checkpoint
+                else planned_model_config(_base_section(config)))
+        return dataclasses.replace(base, depth=stage.target_depth)
+    if config.init_checkpoint:
+        return sana_checkpoint.load_config(config.init_checkpoint)
+    return model_config_for(config, DataConfig.from_mapping(config.data))
+
+
+def resumed_model_config(saved: SanaConfig, planned: SanaConfig, *, workdir: Path,
+                         keep_saved: bool) -> SanaConfig:
+    """The saved model with the planned runtime fields; raises WorkdirError naming the fields where the saved
+    model is not the planned one, unless `keep_saved` (config.resume_saved_model)."""
+    differing = [f.name for f in dataclasses.fields(SanaConfig)
+                 if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(planned, f.name)]
+    if differing and not keep_saved:
+        diffs = "; ".join(f"{name}: saved {getattr(saved, name)!r}, config {getattr(planned, name)!r}"
+                          for name in differing)
+        raise WorkdirError(f"{workdir / CHECKPOINT_DIR} holds another model than the config asks for ({diffs}); "
+                           "start over with another --workdir, or pass --config.resume_saved_model=True to keep "
+                           "training the saved model")
+    return dataclasses.replace(saved, **{name: getattr(planned, name) for name in RUNTIME_FIELDS})
+
+
+def _restore_newest(manager: ocp.CheckpointManager, workdir: Path,
+                    restore: Callable[[int], Any]) -> tuple[int, Any] | None:
+    """(step, restore(step)) for the newest step that restores, or None when there are no checkpoints.
+
+    Newer steps that fail to restore are moved to UNRESTORABLE_DIR with a one-line warning each.
+    """
+    failed = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = restore(step)
+        except Exception as error:  # orbax, tensorstore and json raise many types on damaged files
+            failed.append((step, _root_cause(error)))
+            continue
+        for bad, reason in failed:
+            moved = _move_aside(workdir, bad)
+            logging.warning(f"checkpoint step {bad} in {workdir / CHECKPOINT_DIR} cannot be restored ({reason}); "
+                            f"moved it to {moved}, resuming from step {step}")
+        if failed:
+            manager.reload()
+        return step, restored
+    if failed:
+        raise WorkdirError(f"no checkpoint in {workdir / CHECKPOINT_DIR} can be restored (step {failed[0][0]}: "
+                           f"{failed[0][1]}); start over with another --workdir, or move {workdir / CHECKPOINT_DIR} "
+                           "aside")
+    return None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The type and first line of the innermost cause of `error`, in at most 200 characters."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def _move_aside(workdir: Path, step: int) -> Path:
+    """Moves checkpoint `step` to UNRESTORABLE_DIR (on process 0); returns where it went."""
+    target = workdir / UNRESTORABLE_DIR / str(step)
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = workdir / UNRESTORABLE_DIR / f"{step}.{suffix}"
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(workdir / CHECKPOINT_DIR / str(step), target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"sana_jax.trainer moved checkpoint {step}")
+    return target
+
+
+@dataclasses.dataclass
+class _StopSignal:
+    signum: int | None = None
+
+    def check(self, manager: ocp.CheckpointManager, step: int) -> bool:
+        """Whether to stop after `step`: a signal was caught, or a multi-process run is being preempted."""
+        if self.signum is None and jax.process_count() > 1 and manager.reached_preemption(step):
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopSignal]:
+    """Within: the first SIGINT or SIGTERM is recorded instead of acting (a second one acts as usual).
+
+    Only in the main thread of a single-process run: multi-process runs take SIGTERM through JAX's
+    preemption sync point (`CheckpointManager.reached_preemption`).
+    """
+    stop = _StopSignal()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def record(signum, frame):
+        stop.signum = signum
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    for signum in previous:
+        signal.signal(signum, record)
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _model_is_final(workdir: Path, steps: int) -> bool:
+    """Whether model/ holds the final weights of a run of `steps` steps."""
+    path = workdir / MODEL_DIR
+    return (path / sana_checkpoint.CONFIG_FILE).is_file() and sana_checkpoint.load_metadata(path).get("step") == steps
 
 
 def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None,
           model_config: SanaConfig | None = None, stage: str = "") -> tuple[SanaConfig, dict]:
-    """Trains for `config.steps` steps in `workdir`, resuming from its latest checkpoint if any.
+    """Trains for `config.steps` steps in `workdir`, resuming from its newest restorable checkpoint if any.
 
     Args:
       config: a training config (see `sana_jax.trainer.config`).
-      workdir: receives checkpoints/, metrics.jsonl, tensorboard/, samples/ and model/.
+      workdir: receives checkpoints/, metrics.jsonl, tensorboard/, samples/ and model/ (rewritten at the end
+        of every run that changes it).
       params, model_config: starting weights and their architecture (e.g. a grown model); by default
-        `config.init_checkpoint` or a fresh init of the config's model.
+        `config.init_checkpoint` or a fresh init of the config's model. Checkpoints of another model in
+        `workdir` are refused unless `config.resume_saved_model`.
       stage: a label for the progress bar and the metrics.
     Returns:
       The model config and its final params (the EMA weights when `training.ema_decay` > 0).
+    Raises:
+      Stopped: on SIGINT or SIGTERM, once the state at the current step is saved.
     """
-    workdir = Path(workdir)
+    with _stop_on_signals() as stop:
+        return _train(config, Path(workdir), params, model_config, stage, stop)
+
+
+def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config: SanaConfig | None, stage: str,
+           stop: _StopSignal) -> tuple[SanaConfig, dict]:
     data_config = DataConfig.from_mapping(config.data)
-    resumed_config = saved_model_config(workdir)
-    if resumed_config is not None:
-        model_config = resumed_config
-    elif model_config is None:
-        if config.init_checkpoint:
-            model_config, params = sana_checkpoint.load(config.init_checkpoint)
-        else:
-            model_config = model_config_for(config, data_config)
+    planned = model_config or planned_model_config(config)
+    saved = saved_model_config(workdir)
+    if saved is not None:
+        model_config = resumed_model_config(saved, planned, workdir=workdir, keep_saved=config.resume_saved_model)
+    else:
+        model_config = planned
+        if params is None and config.init_checkpoint:
+            _, params = sana_checkpoint.load(config.init_checkpoint)
     model_config = dataclasses.replace(model_config, compute_dtype=config.training.compute_dtype,
                                        remat=config.training.remat)
 
@@ -92,19 +254,18 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
     state_sharding = build_state.lower(abstract_params).compile().output_shardings
     build_state = jax.jit(lambda p: init_train_state(p, tx, ema=use_ema), in_shardings=(params_sharding,),
                           out_shardings=state_sharding)
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  jax.eval_shape(build_state, abstract_params), state_sharding)
 
     data_iter = make_train_iterator(data_config, seed=config.seed, batch_size=config.batch_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
     manager = _checkpoint_manager(workdir, config)
-    # Checked once, before any process can create it: every process must agree on writing the model.
-    write_model = not (workdir / MODEL_DIR).exists()
-    start = manager.latest_step()
-    if start is not None:
-        abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                      jax.eval_shape(build_state, abstract_params), state_sharding)
-        restored = manager.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
-        state = restored.state
+    # Read once, before any process rewrites model/: every process must agree on finishing the run.
+    model_is_final = _model_is_final(workdir, config.steps)
+    restored = _restore_newest(manager, workdir, lambda step: manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter))).state)
+    if restored is not None:
+        start, state = restored
         tqdm.write(f"resumed {workdir} from step {start}")
     else:
         start = 0
@@ -112,6 +273,7 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
             params = jax.jit(init_params, static_argnums=0, out_shardings=params_sharding)(
                 model_config, jax.random.key(config.seed))
         state = build_state(jax.device_put(params, params_sharding))
+    finish = start < config.steps or not model_is_final  # train, evaluate, sample and write model/
 
     step_fn = jax.jit(
         make_train_step(model_config, tx, schedule, seed=config.seed,
@@ -146,7 +308,7 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
     if start == 0 and config.eval_every:
         evaluate_and_log(0)
     throughput = monitor.Throughput(config.batch_size)
-    pending, previous = [], None
+    pending, previous, reached = [], None, start
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=stage or "train",
                disable=jax.process_index() != 0, dynamic_ncols=True)
     for step in bar:
@@ -159,7 +321,7 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
                 f"(max_nonfinite_in_a_row={config.max_nonfinite_in_a_row}); stopped at step {step}. The last "
                 f"good checkpoint is in {workdir / CHECKPOINT_DIR}.")
         previous = metrics
-        done = step + 1
+        done = reached = step + 1
         if done % config.log_every == 0 or done == config.steps:
             fetched = jax.device_get(pending)
             row = {"loss": float(np.mean([m["loss"] for m in fetched])),
@@ -172,22 +334,28 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
             writer.write(done, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_s']:.2f}",
                             img_s=f"{row['images_per_s']:.1f}")
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        stopping = stop.check(manager, done)
+        if done % config.checkpoint_every == 0 or done == config.steps or stopping:
             save(done)
+        if stopping:
+            break
         if config.sample_every and done % config.sample_every == 0 and done != config.steps:
             sample(done)
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
             evaluate_and_log(done)
     bar.close()
-    if start < config.steps or write_model:
+    if finish and stop.signum is None:
         evaluate_and_log(config.steps)
         sample(config.steps)
-    manager.wait_until_finished()
+    manager.wait_until_finished()  # an interrupted run too: its last save completes
     manager.close()
     writer.close()
+    if stop.signum is not None:
+        raise Stopped(reached, stop.signum)
     final = state["ema_params"] if use_ema else state["params"]
-    if write_model:  # on every process: orbax writes each process's shards and synchronizes them
-        sana_checkpoint.save(workdir / MODEL_DIR, model_config, final, metadata=model_metadata(config))
+    if finish:  # on every process: orbax writes each process's shards and synchronizes them
+        sana_checkpoint.save(workdir / MODEL_DIR, model_config, final,
+                             metadata={**model_metadata(config), "step": config.steps}, overwrite=True)
     return model_config, final
 
 
@@ -243,9 +411,7 @@ def model_metadata(config: ConfigDict) -> dict:
 def _load_or_train_base(config: ConfigDict, workdir: Path, base_checkpoint: str) -> tuple[SanaConfig, dict]:
     if base_checkpoint:
         return sana_checkpoint.load(base_checkpoint)
-    if "base" not in config or config.base is None:
-        raise ValueError("this run needs a base model: set growth/prune.base_checkpoint or a `base` section")
-    return train(config.base, workdir / "base", stage="base")
+    return train(_base_section(config), workdir / "base", stage="base")
 
 
 def run(config: ConfigDict, workdir: str | Path) -> tuple[SanaConfig, dict]:
@@ -254,7 +420,8 @@ def run(config: ConfigDict, workdir: str | Path) -> tuple[SanaConfig, dict]:
     if config.growth is None and config.prune is None:
         return train(config, workdir)
     if saved_model_config(workdir) is not None:  # the final stage already started: resume it
-        return train(config, workdir, stage="grow" if config.growth is not None else "prune")
+        return train(config, workdir, model_config=planned_model_config(config),
+                     stage="grow" if config.growth is not None else "prune")
     from sana_jax import surgery
 
     if config.growth is not None:
