@@ -5,11 +5,11 @@ batch; with --diffusers, also times diffusers' `SanaTransformer2DModel` (eager, 
 --torch_compile) on the same configuration in the same run.
 
   python tools/bench_model.py --preset=small --batch=8 --latent=16 --text_len=32 --diffusers
+  python tools/bench_model.py --config=configs/pretrain.py --diffusers      # the main job's model and batch
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -17,8 +17,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
+from sana_jax.data.pipeline import DataConfig, element_shapes
 from sana_jax.model import forward, init_params, preset
+from sana_jax.trainer.loop import model_config_for
 
 
 def time_call(fn, *args, warmup: int = 2, repeats: int = 5) -> float:
@@ -119,40 +123,56 @@ def bench_diffusers(config, batch: int, latent: int, text_len: int, repeats: int
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--latent", type=int, default=16, help="latent height = width")
-    parser.add_argument("--text_len", type=int, default=32)
-    parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-    parser.add_argument("--unroll_blocks", action="store_true", help="an unrolled loop over blocks instead of a scan")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--diffusers", action="store_true", help="also time diffusers on the same config")
-    parser.add_argument("--torch_compile", action="store_true", help="with --diffusers, add torch.compile")
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args()
+_PRESET = flags.DEFINE_string("preset", "small", "model preset (ignored with --config)")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a training config: its model, batch and data shapes")
+_BATCH = flags.DEFINE_integer("batch", 8, "batch size (ignored with --config)")
+_LATENT = flags.DEFINE_integer("latent", 16, "latent height = width (ignored with --config)")
+_TEXT_LEN = flags.DEFINE_integer("text_len", 32, "caption tokens (ignored with --config)")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "rematerialisation policy")
+_UNROLL = flags.DEFINE_bool("unroll_blocks", None, "an unrolled loop over blocks instead of a scan "
+                            "(default: the preset's or the config's)")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls")
+_DIFFUSERS = flags.DEFINE_bool("diffusers", False, "also time diffusers on the same config")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "with --diffusers, add torch.compile")
+_JSON = flags.DEFINE_string("json", None, "write the results here")
 
-    config = dataclasses.replace(preset(args.preset), compute_dtype=args.compute_dtype, remat=args.remat,
-                                 unroll_blocks=args.unroll_blocks)
-    rows = {f"{k} (sana-jax)": v for k, v in
-            bench_jax(config, args.batch, args.latent, args.text_len, args.repeats).items()}
-    if args.diffusers:
+
+def benchmark_setup() -> tuple:
+    """(model config, batch, latent side, text length) from --config or the preset flags."""
+    if _CONFIG.value is not None:
+        config = _CONFIG.value
+        data_config = DataConfig.from_mapping(config.data)
+        model = model_config_for(config, data_config)
+        shapes = element_shapes(data_config)
+        setup = (model, config.batch_size, shapes["latents"][0], shapes["text"][0])
+    else:
+        setup = (preset(_PRESET.value), _BATCH.value, _LATENT.value, _TEXT_LEN.value)
+    model = dataclasses.replace(setup[0], compute_dtype=_COMPUTE_DTYPE.value, remat=_REMAT.value)
+    if _UNROLL.value is not None:
+        model = dataclasses.replace(model, unroll_blocks=_UNROLL.value)
+    return (model, *setup[1:])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config, batch, latent, text_len = benchmark_setup()
+    rows = {f"{k} (sana-jax)": v for k, v in bench_jax(config, batch, latent, text_len, _REPEATS.value).items()}
+    if _DIFFUSERS.value:
         rows.update({f"{k} (diffusers)" if "(" not in k else k.replace("(", "(diffusers ", 1): v for k, v in
-                     bench_diffusers(config, args.batch, args.latent, args.text_len, args.repeats,
-                                     args.torch_compile).items()})
-    print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} preset={args.preset} "
-          f"batch={args.batch} latent={args.latent}x{args.latent} text_len={args.text_len} "
-          f"dtype={args.compute_dtype}")
+                     bench_diffusers(config, batch, latent, text_len, _REPEATS.value, _TORCH_COMPILE.value).items()})
+    print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
+          f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.unroll_blocks else 'scanned'} blocks) "
+          f"batch={batch} latent={latent}x{latent} text_len={text_len} dtype={config.compute_dtype}")
     print(f"{'what':<44} {'ms':>10} {'images/s':>10} {'TFLOP/s':>9}")
     for name, row in rows.items():
         tflops = f"{row['tflops']:.3f}" if row["tflops"] else "-"
         print(f"{name:<44} {row['ms']:>10.1f} {row['images_per_s']:>10.1f} {tflops:>9}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": rows}, f, indent=2)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"model": dataclasses.asdict(config), "batch": batch, "latent": latent,
+                       "text_len": text_len, "results": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
