@@ -10,8 +10,11 @@ A checkpoint is written beside its path (`.NAME.partial`) and renamed into place
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,25 @@ def save(path: str | Path, config: SanaConfig, params: Any, *, metadata: dict | 
         partial.rename(path)
         shutil.rmtree(replaced, ignore_errors=True)
     _sync(f"sana_jax.checkpoint.save {path} done")
+
+
+@contextlib.contextmanager
+def staged(dst: str | Path, check_replaceable: Callable[[Path], None]) -> Iterator[Path]:
+    """Yields a fresh path beside `dst` to write to; moves it to `dst` on success, removes it on failure.
+
+    An existing `dst` is replaced only after `check_replaceable(dst)` returns (it raises to refuse).
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield scratch / "out"
+        if dst.exists():
+            check_replaceable(dst)
+            dst.rename(scratch / "replaced")
+        (scratch / "out").rename(dst)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_metadata(path: str | Path) -> dict:

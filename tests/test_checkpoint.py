@@ -58,3 +58,25 @@ def test_load_names_a_missing_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="sana_config.json not found"):
         checkpoint.load(tmp_path / "empty")
+
+
+def test_staged_moves_on_success_and_leaves_dst_on_failure(tmp_path):
+    def refuse(dst):
+        raise FileExistsError(f"{dst} is not replaceable")
+
+    dst = tmp_path / "out"
+    with checkpoint.staged(dst, refuse) as scratch:
+        scratch.mkdir()
+        (scratch / "a").write_text("first")
+    assert (dst / "a").read_text() == "first"
+    with pytest.raises(RuntimeError), checkpoint.staged(dst, refuse) as scratch:
+        scratch.mkdir()
+        raise RuntimeError("write failed")
+    with pytest.raises(FileExistsError), checkpoint.staged(dst, refuse) as scratch:
+        scratch.mkdir()
+    assert (dst / "a").read_text() == "first"
+    with checkpoint.staged(dst, lambda _: None) as scratch:
+        scratch.mkdir()
+        (scratch / "a").write_text("second")
+    assert (dst / "a").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no scratch folders left

@@ -14,11 +14,8 @@ Any missing, unexpected or mis-shaped key is an error naming the key and both sh
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,37 +50,22 @@ def check_replaceable(dst: Path) -> None:
                               "convert did not write; --force replaces only an earlier output: choose another DST")
 
 
-@contextlib.contextmanager
-def staged(dst: Path) -> Iterator[Path]:
-    """Yields a fresh path beside `dst`; moves it to `dst` on success, removes it on failure."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        yield scratch / "out"
-        if dst.exists():
-            check_replaceable(dst)
-            dst.rename(scratch / "replaced")
-        (scratch / "out").rename(dst)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def diffusers_to_orbax(args: argparse.Namespace) -> None:
     config, params = convert.read_diffusers(args.src, dtype=args.dtype, progress=True)
-    with staged(args.dst) as out:
+    with checkpoint.staged(args.dst, check_replaceable) as out:
         checkpoint.save(out, config, params)
 
 
 def orbax_to_diffusers(args: argparse.Namespace) -> None:
     config, params = checkpoint.load(args.src)
-    with staged(args.dst) as out:
+    with checkpoint.staged(args.dst, check_replaceable) as out:
         convert.write_diffusers(out, config, params, dtype=args.dtype)
 
 
 def sana_pth_to_orbax(args: argparse.Namespace) -> None:
     config, params, null_caption = convert.read_sana_pth(
         args.src, head_dim=args.head_dim, cross_num_heads=args.cross_heads, dtype=args.dtype, progress=True)
-    with staged(args.dst) as out:
+    with checkpoint.staged(args.dst, check_replaceable) as out:
         checkpoint.save(out, config, params)
         if null_caption is not None:
             np.save(out / NULL_CAPTION_FILE, null_caption)

@@ -96,26 +96,30 @@ def knockout(yes_logits: np.ndarray, no_logits: np.ndarray, k: int = 1) -> np.nd
 METHODS = ("best_of_n", "knockout")
 
 
-def select(verifier: Any, images: np.ndarray, prompts: Sequence[str], k: int,
-           method: str = "best_of_n") -> np.ndarray:
-    """Judges N candidate images for each of P prompts and keeps k per prompt.
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
 
-    Every image is judged once: a judge's logits for an image do not depend on its opponent, so the
-    tournament runs on the table of all N candidates (SANA's script asks the judge again each round).
+
+def verifier_tables(verifier: Any, images: np.ndarray, prompts: Sequence[str],
+                    method: str = "best_of_n") -> dict[str, np.ndarray]:
+    """The verifier's judgement of N candidate images for each of P prompts, as (P, N) tables.
+
+    Every image is judged once, in prompt-major order: a judge's logits for an image do not depend on its
+    opponent, so the tournament can run on the table of all N candidates (SANA's script asks the judge
+    again each round).
 
     Args:
       verifier: has `score(images, prompts)` for "best_of_n", `yes_no_logits(images, prompts)` for
         "knockout" (see `verifiers.VLMJudge`).
       images: (P, N, H, W, 3) candidates in [0, 1].
       prompts: the P prompts.
-      k: candidates to keep per prompt.
-      method: "best_of_n" (highest scores, best first) or "knockout" (SANA's tournament).
+      method: the selection rule the tables are for.
 
     Returns:
-      (P, k) int indices into the N candidates.
+      {"scores": (P, N)} for "best_of_n"; {"yes_logits": (P, N), "no_logits": (P, N)} for "knockout".
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    _check_method(method)
     images = np.asarray(images)
     if images.ndim != 5 or isinstance(prompts, str) or len(prompts) != len(images):
         raise ValueError(f"images {images.shape} and {len(prompts)} prompts: expected images "
@@ -125,6 +129,32 @@ def select(verifier: Any, images: np.ndarray, prompts: Sequence[str], k: int,
     flat_prompts = [p for p in prompts for _ in range(num_candidates)]
     table = lambda values: np.asarray(values).reshape(num_prompts, num_candidates)
     if method == "best_of_n":
-        return best_of_n(table(verifier.score(flat_images, flat_prompts)), k)
+        return {"scores": table(verifier.score(flat_images, flat_prompts))}
     yes, no = verifier.yes_no_logits(flat_images, flat_prompts)
-    return knockout(table(yes), table(no), k)
+    return {"yes_logits": table(yes), "no_logits": table(no)}
+
+
+def select_from_tables(tables: dict[str, np.ndarray], k: int, method: str = "best_of_n") -> np.ndarray:
+    """Keeps k of N candidates per prompt from `verifier_tables`' output (any (P, N) tables of those keys).
+
+    Returns:
+      (P, k) int indices into the N candidates: best first for "best_of_n", bracket order for "knockout".
+    """
+    _check_method(method)
+    if method == "best_of_n":
+        return best_of_n(tables["scores"], k)
+    return knockout(tables["yes_logits"], tables["no_logits"], k)
+
+
+def select(verifier: Any, images: np.ndarray, prompts: Sequence[str], k: int,
+           method: str = "best_of_n") -> np.ndarray:
+    """Judges N candidate images for each of P prompts and keeps k per prompt.
+
+    Args:
+      verifier, images, prompts, method: as for `verifier_tables`.
+      k: candidates to keep per prompt.
+
+    Returns:
+      (P, k) int indices into the N candidates (see `select_from_tables`).
+    """
+    return select_from_tables(verifier_tables(verifier, images, prompts, method), k, method)
