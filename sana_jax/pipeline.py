@@ -15,13 +15,10 @@ latents give the same images.
 
 from __future__ import annotations
 
-import collections
-import copy
 import functools
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,17 +109,6 @@ def flow_match_euler_schedule(num_steps: int, shift: float) -> tuple[np.ndarray,
     return np.append(sigmas, np.float32(0.0)), sigmas * np.float32(n)
 
 
-def _gemma_folder(text_encoder_dir: Path, tokenizer_dir: Path, into: Path) -> None:
-    """Links the files of the tokenizer and text-encoder folders into one folder, the layout that
-    `GemmaTextEncoder` reads (tokenizer and model side by side); model files win on a name clash."""
-    for source in (tokenizer_dir, text_encoder_dir):
-        for file in source.iterdir():
-            target = into / file.name
-            if target.exists() or target.is_symlink():
-                target.unlink()
-            target.symlink_to(file.resolve())
-
-
 def _text_backend(text_encoder_dir: Path, backend: str) -> str:
     """"auto": the JAX port when the folder holds a Gemma-2 in safetensors, else transformers."""
     if backend != "auto":
@@ -168,7 +154,8 @@ class SanaPipeline:
 
     Attributes:
       config, params: the transformer (`sana_jax.model`).
-      text_encoder: a `GemmaTextEncoder` (or any object with `encode_text` and `max_length`).
+      text_encoder: a `GemmaTextEncoder` (or any object with `encode_text` and `max_length`; non-empty negative
+        prompts need `encode_text(prompts, instruction=False)`).
       autoencoder: a `DCAE` (or any object with `decode`, `downsample` and `latent_channels`).
       shift, solver: the sampler (`sample_latents`), from the folder's scheduler config.
       source: the diffusers folder this pipeline was loaded from (None if built directly); `save_pretrained`
@@ -176,11 +163,7 @@ class SanaPipeline:
     """
 
     def __init__(self, config: SanaConfig, params: Any, text_encoder: Any, autoencoder: Any, *,
-                 shift: float = 3.0, solver: str = "flow_dpm_solver",
-                 negative_text_encoder: Any | None = None, source: str | os.PathLike | None = None):
-        """`negative_text_encoder` encodes non-empty negative prompts (without the instruction prefix, as
-        diffusers does); by default a copy of `text_encoder` without its prefix, when it is a
-        `GemmaTextEncoder`."""
+                 shift: float = 3.0, solver: str = "flow_dpm_solver", source: str | os.PathLike | None = None):
         if autoencoder.latent_channels != config.in_channels:
             raise ValueError(f"autoencoder latent_channels={autoencoder.latent_channels} != transformer "
                              f"in_channels={config.in_channels}")
@@ -193,9 +176,6 @@ class SanaPipeline:
         self.autoencoder = autoencoder
         self.shift = shift
         self.solver = solver
-        if negative_text_encoder is None and isinstance(text_encoder, GemmaTextEncoder):
-            negative_text_encoder = _without_instruction(text_encoder)
-        self.negative_text_encoder = negative_text_encoder
         self.source = None if source is None else Path(source)
 
     @classmethod
@@ -232,18 +212,15 @@ class SanaPipeline:
         config, params = convert.read_diffusers(folder / "transformer", dtype=dtype, compute_dtype=dtype)
         autoencoder = DCAE.from_pretrained(folder / "vae")
         backend = _text_backend(folder / "text_encoder", text_backend)
-        with tempfile.TemporaryDirectory(prefix="sana_gemma_") as merged:
-            # GemmaTextEncoder reads everything it needs while it is built.
-            _gemma_folder(folder / "text_encoder", folder / "tokenizer", Path(merged))
-            text_encoder = GemmaTextEncoder(merged, backend=backend, max_length=max_sequence_length,
-                                            dtype=dtype, batch_size=text_batch_size)
+        text_encoder = GemmaTextEncoder(str(folder / "text_encoder"), tokenizer_path=str(folder / "tokenizer"),
+                                        backend=backend, max_length=max_sequence_length, dtype=dtype,
+                                        batch_size=text_batch_size)
         return cls(config, params, text_encoder, autoencoder, source=folder, **settings)
 
     def with_transformer(self, config: SanaConfig, params: Any) -> SanaPipeline:
         """The same pipeline with another transformer (e.g. grown or pruned by `sana_jax.surgery`)."""
         return SanaPipeline(config, params, self.text_encoder, self.autoencoder, shift=self.shift,
-                            solver=self.solver, negative_text_encoder=self.negative_text_encoder,
-                            source=self.source)
+                            solver=self.solver, source=self.source)
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: str | None = None) -> None:
         """Writes a diffusers pipeline folder that diffusers' `SanaPipeline.from_pretrained` loads.
@@ -283,13 +260,10 @@ class SanaPipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if all(not n.strip() for n in negatives):  # The null caption is encoded without the prefix anyway.
+        if all(not n.strip() for n in negatives):  # The null caption, without the prefix for any encoder.
             null_text, null_mask = self.text_encoder.encode_text(negatives)
-        elif self.negative_text_encoder is None:
-            raise ValueError("a non-empty negative_prompt needs a negative_text_encoder (prompts encoded "
-                             "without the instruction prefix)")
         else:
-            null_text, null_mask = self.negative_text_encoder.encode_text(negatives)
+            null_text, null_mask = self.text_encoder.encode_text(negatives, instruction=False)
         return text, mask, null_text, null_mask
 
     def __call__(self, prompts: str | Sequence[str], *, num_inference_steps: int = 20, guidance_scale: float = 4.5,
@@ -336,12 +310,3 @@ class SanaPipeline:
             num_steps=int(num_inference_steps), guided=guided, shift=self.shift, solver=self.solver)
         return np.asarray(self.autoencoder.decode(clean), np.float32)
 
-
-def _without_instruction(encoder: GemmaTextEncoder) -> GemmaTextEncoder:
-    """A view of `encoder` (same tokenizer and model) that encodes prompts without the instruction prefix,
-    as diffusers encodes negative prompts (`complex_human_instruction=False`), with its own cache."""
-    plain = copy.copy(encoder)
-    plain._prefix = ""
-    plain._prompt_tokens = encoder.max_length
-    plain._cache = collections.OrderedDict()
-    return plain

@@ -2,6 +2,12 @@
 
   python -m sana_jax.sample --checkpoint=DIR --prompt="a red circle" --num_candidates=8 --keep=1 \
       --verifier=checker --out=DIR
+  python -m sana_jax.sample --pretrained=Sana_1600M_1024px_diffusers --prompt="a cat" --verifier=clip \
+      --verifier_path=CLIP --out=DIR
+
+The model is a checkpoint of this library (--checkpoint, with the shapes or --text_encoder / --autoencoder
+codecs) or a diffusers SANA pipeline folder (--pretrained: its transformer, Gemma-2 text encoder, DC-AE and
+scheduler shift, loaded by `sana_jax.pipeline.SanaPipeline.from_pretrained`).
 
 Writes to --out, per prompt p (numbered from 0 in the order given):
   p{p:03d}_keep{r}.png    the r-th kept candidate (best first for best_of_n, bracket order for knockout);
@@ -24,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sana_jax import checkpoint
+from sana_jax import checkpoint, pipeline, sampling
 from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig, make_autoencoder, make_text_encoder
 from sana_jax.scaling import search
@@ -42,7 +48,8 @@ SHEET_SIZE = 64  # candidates on a contact sheet, besides kept ones beyond them
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory of sana_jax.checkpoint.save")
+    parser.add_argument("--checkpoint", help="a checkpoint directory of sana_jax.checkpoint.save")
+    parser.add_argument("--pretrained", help="instead of --checkpoint, a diffusers SANA pipeline folder")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--prompts_file", help="a text file of prompts, one per line")
     parser.add_argument("--num_candidates", type=int, default=8, help="N, candidates per prompt")
@@ -53,15 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     for name, kind in (("num_steps", int), ("guidance_scale", float), ("shift", float), ("solver", str)):
-        parser.add_argument(f"--{name}", type=kind, help=f"default: the checkpoint's metadata, else "
-                            f"{SAMPLING_DEFAULTS[name]}")
+        parser.add_argument(f"--{name}", type=kind, help=f"default: the checkpoint's metadata (shift and solver: "
+                            f"--pretrained's scheduler), else {SAMPLING_DEFAULTS[name]}")
     parser.add_argument("--chunk_size", type=int, help="candidates sampled at once (default: all N, or as "
                         "many as fit in a quarter of the free memory)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the checkpoint's "
-                        f"metadata, else {DataConfig.resolution})")
-    parser.add_argument("--text_encoder", default="shapes", choices=TEXT_ENCODERS)
+                        f"metadata, else {DataConfig.resolution}; for --pretrained the transformer's sample_size "
+                        "times the autoencoder's downsampling)")
+    parser.add_argument("--text_encoder", choices=TEXT_ENCODERS, help="with --checkpoint (default shapes)")
     parser.add_argument("--text_encoder_path", help="a Gemma-2 checkpoint for --text_encoder=gemma")
-    parser.add_argument("--autoencoder", default="shapes", choices=AUTOENCODERS)
+    parser.add_argument("--autoencoder", choices=AUTOENCODERS, help="with --checkpoint (default shapes)")
     parser.add_argument("--autoencoder_path", help="a diffusers AutoencoderDC folder for --autoencoder=dcae")
     args = parser.parse_args(argv)
 
@@ -76,19 +84,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.keep <= args.num_candidates:
         parser.error(f"--keep={args.keep} with --num_candidates={args.num_candidates}: expected "
                      "1 <= keep <= num_candidates")
-    for name, path in (("text_encoder", args.text_encoder_path), ("autoencoder", args.autoencoder_path)):
-        if getattr(args, name) != "shapes" and not path:
-            parser.error(f"--{name}={getattr(args, name)} needs --{name}_path")
-    if not Path(args.checkpoint, checkpoint.CONFIG_FILE).is_file():
-        parser.error(f"--checkpoint={args.checkpoint}: no checkpoint there (expected a directory holding "
-                     f"{checkpoint.CONFIG_FILE})")
+    if (args.checkpoint is None) == (args.pretrained is None):
+        parser.error("expected exactly one of --checkpoint (a sana_jax checkpoint) and --pretrained (a diffusers "
+                     "SANA pipeline folder)")
+    if args.pretrained:
+        given = [f"--{name}" for name in ("text_encoder", "text_encoder_path", "autoencoder", "autoencoder_path")
+                 if getattr(args, name) is not None]
+        if given:
+            parser.error(f"--pretrained brings its own text encoder and autoencoder: drop {', '.join(given)}")
+    else:
+        for name, path in (("text_encoder", args.text_encoder_path), ("autoencoder", args.autoencoder_path)):
+            setattr(args, name, getattr(args, name) or "shapes")
+            if getattr(args, name) != "shapes" and not path:
+                parser.error(f"--{name}={getattr(args, name)} needs --{name}_path")
+        if not Path(args.checkpoint, checkpoint.CONFIG_FILE).is_file():
+            parser.error(f"--checkpoint={args.checkpoint}: no checkpoint there (expected a directory holding "
+                         f"{checkpoint.CONFIG_FILE})")
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
             parser.error(f"--prompts_file={args.prompts_file}: no such file")
         args.prompt += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not args.prompt:
         parser.error("no prompts: give --prompt and/or --prompts_file")
-    args.data, sampler = recorded_settings(args.checkpoint, **{k: getattr(args, k) for k in SAMPLING_DEFAULTS})
+    given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
+    if args.pretrained:
+        try:
+            args.data, sampler = None, pretrained_settings(args.pretrained, **given)
+        except (OSError, ValueError) as error:
+            parser.error(f"--pretrained={args.pretrained}: {error}")
+    else:
+        args.data, sampler = recorded_settings(args.checkpoint, **given)
     for name, value in sampler.items():
         setattr(args, name, value)
     for name, ok, expected in (
@@ -96,10 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ("guidance_scale", math.isfinite(args.guidance_scale) and args.guidance_scale >= 0,
              "a non-negative number (1: no guidance)"),
             ("shift", math.isfinite(args.shift) and args.shift > 0, "a positive number"),
+            ("solver", args.solver in sampling.SOLVERS, f"one of {sampling.SOLVERS}"),
             ("chunk_size", args.chunk_size is None or args.chunk_size >= 1, "an integer >= 1")):
         if not ok:
             parser.error(f"--{name}={getattr(args, name)}: expected {expected}")
-    if args.resolution is None:
+    if args.resolution is None and args.data is not None:  # --pretrained: set by `load_model`.
         args.resolution = args.data.resolution
     return args
 
@@ -112,6 +138,41 @@ def recorded_settings(checkpoint_dir: str, **given: Any) -> tuple[DataConfig, di
     sampler = {name: given[name] if given.get(name) is not None else recorded.get(name, default)
                for name, default in SAMPLING_DEFAULTS.items()}
     return DataConfig.from_mapping(metadata.get("data", {})), sampler
+
+
+def pretrained_settings(folder: str, **given: Any) -> dict[str, Any]:
+    """The sampler for a diffusers pipeline folder: `given` values that are not None, else the scheduler's shift
+    and solver (`pipeline.scheduler_settings`), else `SAMPLING_DEFAULTS` (diffusers' defaults too).
+
+    Raises ValueError for a scheduler of the "flow_match_euler" solver, which the candidate sampler
+    (`generate_candidates`) does not implement, unless `given` names a solver."""
+    scheduler_file = Path(folder, "scheduler", pipeline.SCHEDULER_CONFIG)
+    if not Path(folder, "model_index.json").is_file() or not scheduler_file.is_file():
+        raise FileNotFoundError(f"expected a diffusers pipeline folder holding model_index.json and {scheduler_file}")
+    values = json.loads(scheduler_file.read_text())
+    scheduler = pipeline.scheduler_settings(values)
+    sampler = {name: given[name] if given.get(name) is not None else scheduler.get(name, default)
+               for name, default in SAMPLING_DEFAULTS.items()}
+    if given.get("solver") is None and scheduler["solver"] == "flow_match_euler":
+        raise ValueError(f"its scheduler {values['_class_name']} (solver flow_match_euler) is not supported by the "
+                         "candidate sampler; pass --solver=flow_dpm_solver or --solver=euler to sample on "
+                         "sana_jax.sampling's schedule instead")
+    return sampler
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(config, params, text encoder, autoencoder) of --checkpoint or --pretrained; for --pretrained, fills in
+    the default --resolution (the transformer's sample_size times the autoencoder's downsampling)."""
+    if args.pretrained:
+        pipe = pipeline.SanaPipeline.from_pretrained(args.pretrained)
+        if pipe.config.out_channels != pipe.config.in_channels:
+            raise ValueError(f"--pretrained={args.pretrained}: transformer out_channels={pipe.config.out_channels}"
+                             f" != in_channels={pipe.config.in_channels} (a learned-sigma head) is not supported")
+        if args.resolution is None:
+            args.resolution = pipe.config.sample_size * pipe.downsample
+        return pipe.config, pipe.params, pipe.text_encoder, pipe.autoencoder
+    config, params = checkpoint.load(args.checkpoint)
+    return config, params, _text_encoder(args), _autoencoder(args)
 
 
 def _text_encoder(args: argparse.Namespace) -> Any:
@@ -147,12 +208,9 @@ def judge(verifier: Any, images: np.ndarray, prompt: str, keep: int, method: str
 
     For "knockout" the score is the judge's yes-minus-no logit and the kept ones win SANA's tournament.
     """
-    prompts = [prompt] * len(images)
-    if method == "knockout":
-        yes, no = verifier.yes_no_logits(images, prompts)
-        return yes - no, search.knockout(yes[None], no[None], keep)[0]
-    scores = np.asarray(verifier.score(images, prompts), np.float32)
-    return scores, search.best_of_n(scores[None], keep)[0]
+    tables = search.verifier_tables(verifier, images[None], [prompt], method)
+    scores = tables["scores"] if method == "best_of_n" else tables["yes_logits"] - tables["no_logits"]
+    return np.asarray(scores[0], np.float32), search.select_from_tables(tables, keep, method)[0]
 
 
 def encode_prompts(text_encoder: Any, prompts: list[str], *, grammar: bool) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -172,15 +230,16 @@ def encode_prompts(text_encoder: Any, prompts: list[str], *, grammar: bool) -> l
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config, params = checkpoint.load(args.checkpoint)
-    text_encoder, autoencoder = _text_encoder(args), _autoencoder(args)
+    config, params, text_encoder, autoencoder = load_model(args)
     verifier = _verifier(args, text_encoder)
     if args.resolution % autoencoder.downsample:
         raise ValueError(f"--resolution={args.resolution}: expected a multiple of the autoencoder's "
                          f"downsampling factor {autoencoder.downsample}")
     side = args.resolution // autoencoder.downsample
     encoded = encode_prompts(text_encoder, args.prompt, grammar=args.verifier == "checker")
-    null_text, null_mask = (x[0] for x in text_encoder.encode_text([""]))
+    # The null caption; a pipeline's Gemma-2 encodes it without the instruction prefix, as diffusers does.
+    null = text_encoder.encode_text([""], instruction=False) if args.pretrained else text_encoder.encode_text([""])
+    null_text, null_mask = (x[0] for x in null)
     key = jax.random.key(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 A prompt is lowercased and stripped, prefixed with the "complex human instruction", tokenized with right
 padding to `len(instruction tokens) + max_length - 2` tokens and encoded; features and mask then keep BOS
 plus the last `max_length - 1` positions. The null caption "" (the negative prompt of classifier-free
-guidance) is encoded without the instruction, padded to `max_length`. Features are Gemma-2's last hidden
+guidance) is encoded without the instruction, padded to `max_length`, and so is any prompt encoded with
+`encode_text(prompts, instruction=False)` (diffusers' negative prompts). Features are Gemma-2's last hidden
 state after its final norm.
 
 Two backends run the same Gemma-2: "torch" (Hugging Face transformers) and "jax" (`gemma2_forward`, a JAX
@@ -214,6 +215,7 @@ _gemma2_forward_jit = jax.jit(gemma2_forward, static_argnums=1)
 # The SANA text encoder.
 
 Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (ids (B, T), mask (B, T)) -> features (B, T, C)
+_Key = tuple[bool, str]  # A cache key: (encoded with the instruction prefix, preprocessed prompt).
 
 
 def _local_dir(name_or_path: str) -> str:
@@ -270,7 +272,8 @@ def _jax_forward(name_or_path: str, dtype: str, batch_size: int) -> tuple[Forwar
 
 
 class GemmaTextEncoder:
-    """SANA's Gemma-2 prompt features, batched and cached by prompt (least recently used evicted first).
+    """SANA's Gemma-2 prompt features, batched and cached by prompt and by whether the instruction prefix was
+    used (least recently used evicted first).
 
     Implements `sana_jax.data.text_encoder.TextEncoder`.
 
@@ -279,13 +282,15 @@ class GemmaTextEncoder:
       feature_dim: C, Gemma's hidden width (2304 for Gemma-2-2B).
     """
 
-    def __init__(self, name_or_path: str, *, backend: str = "torch", max_length: int = 300,
-                 instruction: Sequence[str] = COMPLEX_HUMAN_INSTRUCTION, dtype: str = "float32",
-                 device: str = "cpu", batch_size: int = 8, cache_size: int = 1024):
-        """Loads the tokenizer and model from a local folder or a hub id.
+    def __init__(self, name_or_path: str, *, tokenizer_path: str | None = None, backend: str = "torch",
+                 max_length: int = 300, instruction: Sequence[str] = COMPLEX_HUMAN_INSTRUCTION,
+                 dtype: str = "float32", device: str = "cpu", batch_size: int = 8, cache_size: int = 1024):
+        """Loads the tokenizer and model from local folders or hub ids.
 
         Args:
           name_or_path: a transformers checkpoint of Gemma-2 (e.g. "Efficient-Large-Model/gemma-2-2b-it").
+          tokenizer_path: where the tokenizer is, when not beside the model (e.g. a diffusers pipeline's
+            tokenizer/ folder); default `name_or_path`.
           backend: "torch" (transformers) or "jax" (`gemma2_forward` on the default JAX device).
           max_length: L, kept positions per prompt.
           instruction: lines of the prefix, joined with newlines; empty for plain prompts.
@@ -302,7 +307,7 @@ class GemmaTextEncoder:
             raise ValueError(f"max_length={max_length}: expected at least 2 (BOS and one token)")
         from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self._tokenizer = AutoTokenizer.from_pretrained(name_or_path if tokenizer_path is None else tokenizer_path)
         self._tokenizer.padding_side = "right"
         if backend == "torch":
             self._forward, self.feature_dim = _torch_forward(name_or_path, dtype, device)
@@ -314,41 +319,48 @@ class GemmaTextEncoder:
                                else max_length)
         self._batch_size = batch_size
         self._cache_size = cache_size
-        self._cache: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        # Keyed by (prefixed, preprocessed prompt); the null caption is never prefixed.
+        self._cache: collections.OrderedDict[_Key, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
-    def encode_text(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Features (B, L, C) float32 and mask (B, L) int32 for B prompts ("" is the null caption)."""
+    def encode_text(self, prompts: Sequence[str], instruction: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Features (B, L, C) float32 and mask (B, L) int32 for B prompts ("" is the null caption).
+
+        With `instruction=False` the prompts are encoded as the null caption is, without the instruction
+        prefix and padded to `max_length` (diffusers' `complex_human_instruction=False`, how it encodes
+        negative prompts).
+        """
         if isinstance(prompts, str):
             raise TypeError(f"prompts={prompts!r}: expected a list of strings, not one string")
-        texts = [preprocess(p) for p in prompts]
+        prefixed = bool(instruction and self._prefix)
+        keys = [(prefixed and bool(text), text) for text in map(preprocess, prompts)]
         found = {}
-        for text in dict.fromkeys(texts):
-            if text in self._cache:
-                self._cache.move_to_end(text)
-                found[text] = self._cache[text]
-        missing = [text for text in dict.fromkeys(texts) if text not in found]
-        # The null caption has no prefix and so a different token length: it is encoded on its own.
-        fresh = (self._encode_uncached([t for t in missing if t])
-                 | self._encode_uncached([t for t in missing if not t]))
-        for text, entry in fresh.items():
-            self._cache[text] = entry
+        for key in dict.fromkeys(keys):
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                found[key] = self._cache[key]
+        missing = [key for key in dict.fromkeys(keys) if key not in found]
+        # Prefixed and plain texts have different token lengths: each kind is encoded on its own.
+        fresh = (self._encode_uncached([key for key in missing if key[0]])
+                 | self._encode_uncached([key for key in missing if not key[0]]))
+        for key, entry in fresh.items():
+            self._cache[key] = entry
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         found |= fresh
-        features = np.zeros((len(texts), self.max_length, self.feature_dim), np.float32)
-        mask = np.zeros((len(texts), self.max_length), np.int32)
-        for i, text in enumerate(texts):
-            features[i], mask[i] = found[text]
+        features = np.zeros((len(keys), self.max_length, self.feature_dim), np.float32)
+        mask = np.zeros((len(keys), self.max_length), np.int32)
+        for i, key in enumerate(keys):
+            features[i], mask[i] = found[key]
         return features, mask
 
-    def _encode_uncached(self, texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Encodes preprocessed texts that all are, or all are not, the null caption."""
-        if not texts:
+    def _encode_uncached(self, keys: list[_Key]) -> dict[_Key, tuple[np.ndarray, np.ndarray]]:
+        """Encodes cache keys (prefixed, preprocessed text) that all are, or all are not, prefixed."""
+        if not keys:
             return {}
-        if texts[0]:
-            inputs, num_tokens = [self._prefix + t for t in texts], self._prompt_tokens
+        if keys[0][0]:
+            inputs, num_tokens = [self._prefix + text for _, text in keys], self._prompt_tokens
         else:
-            inputs, num_tokens = texts, self.max_length
+            inputs, num_tokens = [text for _, text in keys], self.max_length
         keep = kept_positions(num_tokens, self.max_length)
         starts = range(0, len(inputs), self._batch_size)
         out = {}
@@ -358,6 +370,6 @@ class GemmaTextEncoder:
                                      add_special_tokens=True, return_tensors="np")
             ids, mask = tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
             features = self._forward(ids, mask)[:, keep]
-            for i, text in enumerate(texts[start:start + self._batch_size]):
-                out[text] = (features[i], mask[i, keep].astype(np.int32))
+            for i, key in enumerate(keys[start:start + self._batch_size]):
+                out[key] = (features[i], mask[i, keep].astype(np.int32))
         return out

@@ -20,10 +20,12 @@ from diffusers import (
     SanaPipeline,
     SanaTransformer2DModel,
 )
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
 
-from sana_jax import pipeline
+from sana_jax import pipeline, sample
+from sana_jax.scaling import candidates
 from sana_jax.surgery import pruning
 
 INSTRUCTION = list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
@@ -229,3 +231,49 @@ def test_unsupported_scheduler_is_named(folder, tmp_path):
 def test_bad_latents_are_named(ours):
     with pytest.raises(ValueError, match=r"latents \(1, 4, 16, 16\)"):
         ours(PROMPTS[:1], latents=np.zeros((1, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), np.float32))
+
+
+def test_sample_cli_pretrained(folder, euler_folder, tmp_path, capsys):
+    """`python -m sana_jax.sample --pretrained=FOLDER`: the pipeline's transformer, Gemma-2, DC-AE and shift."""
+    out = tmp_path / "out"
+    sample.main([f"--pretrained={folder}", "--prompt=a red circle", "--prompt=Two Triangles",
+                 "--num_candidates=3", "--keep=3", "--num_steps=2", "--verifier=checker", f"--out={out}"])
+    report = json.loads((out / "scores.json").read_text())
+    settings = report["settings"]
+    assert (settings["shift"], settings["solver"], settings["resolution"]) == (SHIFT, "flow_dpm_solver", IMAGE_SIZE)
+    assert settings["pretrained"] == str(folder) and settings["checkpoint"] is None
+    assert [entry["prompt"] for entry in report["prompts"]] == ["a red circle", "Two Triangles"]
+    for p, entry in enumerate(report["prompts"]):
+        assert len(entry["scores"]) == 3 and set(entry["scores"]) <= {0.0, 1.0}  # The shapes checker's verdicts.
+        assert sorted(entry["selected"]) == [0, 1, 2]
+        assert entry["files"] == [f"p{p:03d}_keep{r}.png" for r in range(3)]
+        for name in entry["files"]:
+            image = np.asarray(Image.open(out / name))
+            assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.std() > 5  # Not a constant image.
+        assert (out / f"p{p:03d}_sheet.png").stat().st_size > 0
+
+    # Candidate 0 of prompt 1 is the pipeline's image from the same starting noise (--seed=0).
+    ours = pipeline.SanaPipeline.from_pretrained(folder)
+    noise = candidates.candidate_noise(jax.random.key(0), 1, 0, (LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS))
+    expected = ours(["Two Triangles"], latents=noise[None], num_inference_steps=2)[0]
+    entry = report["prompts"][1]
+    image = np.asarray(Image.open(out / entry["files"][entry["selected"].index(0)]), np.float32) / 255
+    np.testing.assert_allclose(image, expected, atol=0.5 / 255 + 1e-4)
+
+    for flags, words in [
+        ([], ["exactly one of --checkpoint", "--pretrained"]),
+        ([f"--pretrained={folder}", f"--checkpoint={folder}"], ["exactly one of --checkpoint"]),
+        ([f"--pretrained={euler_folder}"], ["FlowMatchEulerDiscreteScheduler", "--solver"]),
+        ([f"--pretrained={tmp_path}"], ["model_index.json"]),
+        ([f"--pretrained={folder}", "--text_encoder=gemma"], ["--text_encoder"]),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            sample.parse_args(["--prompt=a red circle", f"--out={tmp_path / 'bad'}", *flags])
+        message = capsys.readouterr().err
+        assert exit_info.value.code != 0 and all(word in message for word in words), message
+        assert "Traceback" not in message
+    assert not (tmp_path / "bad").exists()
+    # An explicit --solver samples a FlowMatchEuler pipeline on sana_jax.sampling's schedule.
+    args = sample.parse_args([f"--pretrained={euler_folder}", "--solver=euler", "--prompt=a red circle",
+                              f"--out={tmp_path}"])
+    assert (args.shift, args.solver, args.resolution) == (7.0, "euler", None)

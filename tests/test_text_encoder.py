@@ -122,6 +122,49 @@ def test_prefix_and_selection_rederived(checkpoint, reference):
     np.testing.assert_array_equal(mask[1], [1] + [0] * 39)
 
 
+def test_without_instruction_matches_transformers(checkpoint, reference, encoder):
+    """`instruction=False` encodes prompts as diffusers encodes negative prompts: no prefix, `max_length`
+    tokens, all kept; cached apart from the same prompts with the instruction."""
+    model, tokenizer = reference
+    prompts = ["Blurry, Low quality ", "a cat sleeping", ""]
+    ours, mask = encoder.encode_text(prompts, instruction=False)
+    inputs = tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=300,
+                       return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state.numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mask, inputs["attention_mask"].numpy())
+
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=model, vae=None, transformer=None,
+                        scheduler=DPMSolverMultistepScheduler())
+    with torch.no_grad():
+        *_, negative, negative_mask = pipe.encode_prompt(
+            prompts[:1], do_classifier_free_guidance=True, negative_prompt=prompts[0],
+            device=torch.device("cpu"), complex_human_instruction=DIFFUSERS_INSTRUCTION)
+    np.testing.assert_allclose(ours[0], negative[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mask[0], negative_mask[0].numpy())
+
+    prefixed, prefixed_mask = encoder.encode_text(prompts)
+    assert np.abs(prefixed[:2] - ours[:2]).max() > 1e-2
+    np.testing.assert_array_equal(prefixed[2], ours[2])  # The null caption is never prefixed.
+    np.testing.assert_array_equal(encoder.encode_text(prompts, instruction=False)[0], ours)
+
+
+def test_tokenizer_path(checkpoint, tmp_path):
+    """Tokenizer and model in separate folders, as in a diffusers pipeline (tokenizer/, text_encoder/)."""
+    model_dir, tokenizer_dir = tmp_path / "text_encoder", tmp_path / "tokenizer"
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tokenizer_dir)
+    Gemma2ForCausalLM.from_pretrained(checkpoint).save_pretrained(model_dir)
+    assert not list(model_dir.glob("tokenizer*"))
+    expected, expected_mask = text_encoder.GemmaTextEncoder(checkpoint, **SHORT).encode_text(PROMPTS)
+    for backend in text_encoder.BACKENDS:
+        split = text_encoder.GemmaTextEncoder(str(model_dir), tokenizer_path=str(tokenizer_dir), backend=backend,
+                                              **SHORT)
+        features, mask = split.encode_text(PROMPTS)
+        np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(mask, expected_mask)
+
+
 def test_cache_and_batching(checkpoint):
     encoder = text_encoder.GemmaTextEncoder(checkpoint, batch_size=2, cache_size=2, max_length=24)
     calls = []
