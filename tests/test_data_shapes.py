@@ -10,7 +10,7 @@ from sana_jax.data import checker, shapes
 from sana_jax.data.autoencoder import SpaceToDepthAE
 from sana_jax.data.shapes import PromptSpec, SceneObject, Thing
 
-PER_TASK = 40  # samples per task at 32 px (tools/bench_data.py runs 2,000)
+PER_TASK = 40  # samples per task at 32 px (tools/bench/bench_data.py runs 2,000)
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sana_jax.benchmarking import median_ms
+
 SECTIONS = ("environment", "check", "kernels", "model", "diffusers", "sweep")
 PACKAGES = ("jax", "jaxlib", "jax-triton", "triton", "torch", "diffusers", "numpy")
 # Nominal HBM bandwidth by device-kind substring, bytes/s.
@@ -120,24 +122,6 @@ def guarded(results: dict, key: str, fn: Callable[[], Any]) -> None:
         results[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
     if results[key] is not None:
         print(f"[bench_gpu]   {key}: {json.dumps(results[key], default=str)[:300]}", flush=True)
-
-
-def time_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], *, repeats: int, inner: int,
-            warmup: int) -> float:
-    """Median over `repeats` samples of the mean time of `inner` back-to-back calls, in ms.
-
-    `warmup` untimed calls first (compilation, autotuning); `sync` waits for a result to be ready.
-    """
-    for _ in range(warmup):
-        sync(fn())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        sync(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return 1e3 * float(np.median(samples))
 
 
 def relative_error(actual: jax.Array, expected: jax.Array, floor: float = 0.0) -> float:
@@ -524,9 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one_section(args: argparse.Namespace) -> None:
     """The child: runs section args.one_section and writes its results to args.out."""
     if args.dry_run:
-        timer = functools.partial(time_ms, repeats=args.repeats or 1, inner=1, warmup=1)
+        timer = functools.partial(median_ms, repeats=args.repeats or 1, inner=1, warmup=1)
     else:
-        timer = functools.partial(time_ms, repeats=args.repeats or 10, inner=5, warmup=2)
+        timer = functools.partial(median_ms, repeats=args.repeats or 10, inner=5, warmup=2)
     run = Run(shapes=TINY if args.dry_run else FULL, budget=Budget(args.budget_s), timer=timer,
               seed=args.seed, torch_compile=not (args.no_compile or args.dry_run))
     out: dict[str, Any] = {}

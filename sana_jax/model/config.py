@@ -103,7 +103,7 @@ PRESETS: dict[str, SanaConfig] = {
     "tiny": SanaConfig(depth=2, num_heads=2, head_dim=8, cross_num_heads=2, cross_head_dim=8,
                        in_channels=4, out_channels=4, caption_channels=12, sample_size=8,
                        qk_norm="rms_norm_across_heads"),
-    # The mid-size model of the CPU benchmarks (tools/bench_model.py, docs/performance.md).
+    # The mid-size model of the CPU benchmarks (tools/bench/bench_model.py, docs/performance.md).
     "small": SanaConfig(depth=6, num_heads=8, head_dim=32, cross_num_heads=8, cross_head_dim=32,
                         in_channels=32, out_channels=32, caption_channels=256, sample_size=16,
                         qk_norm="rms_norm_across_heads"),

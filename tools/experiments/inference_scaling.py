@@ -15,7 +15,7 @@ are warped, speckled, faded, blurred and noised like generated samples, each pai
 and with a perturbed or unrelated one; a pair's label is the checker's verdict on that training render
 (`sana_jax.scaling.verifier_data`).
 
-  python tools/inference_scaling.py --model="4 blocks=workdir/growth_experiment/base/model" \
+  python tools/experiments/inference_scaling.py --model="4 blocks=workdir/growth_experiment/base/model" \
       --model="8 blocks (grown)=workdir/growth_experiment/grown/model" --verifier=workdir/inference_scaling/verifier
 
 Writes --out_json (settings, curves, per-task curves, throughput, score tables) and --out_png, and prints

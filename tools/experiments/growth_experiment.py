@@ -12,7 +12,7 @@
 Every arm is a run of the trainer (`sana_jax.trainer.run`) in its own folder under --workdir, so re-running
 resumes or skips finished arms. Writes docs/growth.png, docs/growth.json and prints markdown tables.
 
-  python tools/growth_experiment.py --workdir=workdir/growth_experiment
+  python tools/experiments/growth_experiment.py --workdir=workdir/growth_experiment
 """
 
 from __future__ import annotations

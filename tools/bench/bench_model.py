@@ -4,15 +4,14 @@ Prints ms per call, images/s and achieved TFLOP/s (XLA's own FLOP count of the c
 batch; with --diffusers, also times diffusers' `SanaTransformer2DModel` (eager, and torch.compile with
 --torch_compile) on the same configuration in the same run.
 
-  python tools/bench_model.py --preset=small --batch=8 --latent=16 --text_len=32 --diffusers
-  python tools/bench_model.py --config=configs/pretrain.py --diffusers      # the main job's model and batch
+  python tools/bench/bench_model.py --preset=small --batch=8 --latent=16 --text_len=32 --diffusers
+  python tools/bench/bench_model.py --config=configs/pretrain.py --diffusers      # the main job's model and batch
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,21 +19,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sana_jax.benchmarking import median_ms
 from sana_jax.data.pipeline import DataConfig, element_shapes
 from sana_jax.model import forward, init_params, preset
 from sana_jax.trainer.loop import model_config_for
-
-
-def time_call(fn, *args, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time of fn(*args) in ms; blocks on every output."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def compiled_flops(jitted, *args) -> float | None:
@@ -62,7 +50,7 @@ def bench_jax(config, batch: int, latent: int, text_len: int, repeats: int) -> d
     results = {}
     for name, fn, args in (("forward", fwd, (params, config, latents, timesteps, text, mask)),
                            ("forward+backward", fwd_bwd, (params, latents, timesteps, text, mask))):
-        ms = time_call(fn, *args, repeats=repeats)
+        ms = median_ms(lambda fn=fn, args=args: fn(*args), repeats=repeats)
         flops = compiled_flops(fn, *args)
         results[name] = {"ms": ms, "images_per_s": batch / ms * 1e3,
                          "tflops": flops / ms * 1e-9 if flops else None}
@@ -91,18 +79,6 @@ def bench_diffusers(config, batch: int, latent: int, text_len: int, repeats: int
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn) -> float:
-        for _ in range(2):
-            fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return 1e3 * float(np.median(times))
-
     results = {}
     variants = [("eager", model)]
     if compile_:
@@ -118,7 +94,7 @@ def bench_diffusers(config, batch: int, latent: int, text_len: int, repeats: int
             torch.mean(torch.square(out - latents)).backward()
 
         for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-            ms = timed(fn)
+            ms = median_ms(fn, lambda _: sync(), repeats=repeats)
             results[f"{name} ({label})"] = {"ms": ms, "images_per_s": batch / ms * 1e3, "tflops": None}
     return results
 

@@ -4,12 +4,11 @@ Fixed random data (smooth latents, random caption features), identical batches, 
 every optimizer. Prints the final losses and, for each 8-bit scheme, the bytes per element and the error
 of the first moment of the float32 CAME run after training when stored in that scheme; plots the curves.
 
-  python tools/optim_curves.py --preset=small --depth=2 --steps=200 --out=docs/optim_curves.png
+  python tools/experiments/optim_curves.py --preset=small --depth=2 --steps=200 --out=docs/optim_curves.png
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from absl import app, flags
 from tqdm import tqdm
 
 from sana_jax.model import preset
@@ -103,44 +103,43 @@ def moment_errors(mu, min_size: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--depth", type=int, default=2, help="blocks (default 2 keeps a CPU run short)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=8, help="latent height = width")
-    parser.add_argument("--text_len", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=64, help="size of the fixed dataset")
-    parser.add_argument("--lr", type=float, default=1e-4, help="CAME learning rate (SANA's)")
-    parser.add_argument("--adamw_lr", type=float, default=1e-3,
-                        help="AdamW learning rate (3e-4 trains slower here)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_schemes", default="sana-minmax-2048cols,dynamic-row,dynamic-256,linear-256",
-                        help=f"comma-separated 8-bit schemes to train with, from {list(SCHEMES)}")
-    parser.add_argument("--out", default="docs/optim_curves.png")
-    args = parser.parse_args()
+_PRESET = flags.DEFINE_string("preset", "small", "model preset")
+_DEPTH = flags.DEFINE_integer("depth", 2, "blocks (2 keeps a CPU run short)")
+_STEPS = flags.DEFINE_integer("steps", 200, "training steps per optimizer")
+_BATCH = flags.DEFINE_integer("batch", 8, "batch size")
+_SIZE = flags.DEFINE_integer("size", 8, "latent height = width")
+_TEXT_LEN = flags.DEFINE_integer("text_len", 8, "caption tokens")
+_SAMPLES = flags.DEFINE_integer("samples", 64, "size of the fixed dataset")
+_LR = flags.DEFINE_float("lr", 1e-4, "CAME learning rate (SANA's)")
+_ADAMW_LR = flags.DEFINE_float("adamw_lr", 1e-3, "AdamW learning rate (3e-4 trains slower here)")
+_SEED = flags.DEFINE_integer("seed", 0, "parameter and data seed")
+_TRAIN_SCHEMES = flags.DEFINE_string("train_schemes", "sana-minmax-2048cols,dynamic-row,dynamic-256,linear-256",
+                                     f"comma-separated 8-bit schemes to train with, from {list(SCHEMES)}")
+_OUT = flags.DEFINE_string("out", "docs/optim_curves.png", "where the figure goes")
 
-    config = dataclasses.replace(preset(args.preset), depth=args.depth)
-    k_params, k_data = jax.random.split(jax.random.key(args.seed))
+
+def main(argv: list[str]) -> None:
+    del argv
+
+    config = dataclasses.replace(preset(_PRESET.value), depth=_DEPTH.value)
+    k_params, k_data = jax.random.split(jax.random.key(_SEED.value))
     params = init_params(config, k_params)
-    data = make_data(config, k_data, args.samples, args.size, args.text_len)
-    optimizers = {"AdamW": optax.adamw(args.adamw_lr, weight_decay=0.0), "CAME fp32": came(args.lr)}
-    optimizers |= {f"CAME-8bit {name}": came(args.lr, eight_bit=True, scheme=SCHEMES[name])
-                   for name in args.train_schemes.split(",")}
+    data = make_data(config, k_data, _SAMPLES.value, _SIZE.value, _TEXT_LEN.value)
+    optimizers = {"AdamW": optax.adamw(_ADAMW_LR.value, weight_decay=0.0), "CAME fp32": came(_LR.value)}
+    optimizers |= {f"CAME-8bit {name}": came(_LR.value, eight_bit=True, scheme=SCHEMES[name])
+                   for name in _TRAIN_SCHEMES.value.split(",")}
 
     curves, fp32_state = {}, None
     for name, tx in optimizers.items():
         start = time.perf_counter()
-        curves[name], _, state = train(tx, params, config, data, args.batch, args.steps, args.seed + 1)
+        curves[name], _, state = train(tx, params, config, data, _BATCH.value, _STEPS.value, _SEED.value + 1)
         if name == "CAME fp32":
             fp32_state = state
         print(f"{name:32s} final loss (mean of last 20 steps) {curves[name][-20:].mean():.5f}   "
               f"bytes/param {state_bytes(state) / sum(p.size for p in jax.tree.leaves(params)):.3f}   "
               f"{time.perf_counter() - start:.0f} s", flush=True)
 
-    print(f"\nFirst moment of the float32 CAME run after {args.steps} steps, stored in 8 bits "
+    print(f"\nFirst moment of the float32 CAME run after {_STEPS.value} steps, stored in 8 bits "
           f"(layers above {SANA_MIN_8BIT_SIZE} elements):")
     print(f"  {'scheme':22s}{'rel. RMS':>10s}{'median rel.':>13s}{'p90 rel.':>10s}{'flushed':>9s}{'B/elem':>8s}")
     for name, e in moment_errors(fp32_state[0].mu, SANA_MIN_8BIT_SIZE).items():
@@ -148,23 +147,23 @@ def main():
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 2))
     smooth = lambda x: np.convolve(x, np.ones(10) / 10, mode="valid")
-    steps = np.arange(args.steps - 9) + 10
+    steps = np.arange(_STEPS.value - 9) + 10
     for i, (name, losses) in enumerate(curves.items()):
         style = dict(label=name, color=f"C{i}", linestyle="--" if name == "AdamW" else "-")
         top.plot(steps, smooth(losses), **style)
         if name.startswith("CAME-8bit"):
             bottom.plot(steps, 100 * (smooth(losses) / smooth(curves["CAME fp32"]) - 1), **style)
     top.set(ylabel="flow-matching loss (10-step mean)", yscale="log",
-            title=f"{args.preset} DiT, depth {args.depth}, {args.size}x{args.size} latents, "
-                  f"batch {args.batch}, lr {args.lr:g} (AdamW {args.adamw_lr:g})")
+            title=f"{_PRESET.value} DiT, depth {_DEPTH.value}, {_SIZE.value}x{_SIZE.value} latents, "
+                  f"batch {_BATCH.value}, lr {_LR.value:g} (AdamW {_ADAMW_LR.value:g})")
     bottom.set(xlabel="step", ylabel="loss vs CAME fp32 (%)")
     bottom.axhline(0.0, color="gray", linewidth=0.5)
     top.legend()
     bottom.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    fig.savefig(_OUT.value, dpi=120)
+    print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -3,8 +3,8 @@
 The step is the trainer's own (flow-matching loss, optimizer, clipping, EMA) on one device, fed
 synthetic batches of the data's shapes so that input reading is not measured.
 
-  python tools/bench_train.py --config=configs/pretrain.py
-  python tools/bench_train.py --config=configs/sana1.5_1600m.py --batch=8 --config.data.data_dir=... (GPU)
+  python tools/bench/bench_train.py --config=configs/pretrain.py
+  python tools/bench/bench_train.py --config=configs/sana1.5_1600m.py --batch=8 --config.data.data_dir=... (GPU)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sana_jax.benchmarking import median_ms
 from sana_jax.data.pipeline import DataConfig
 from sana_jax.model import init_params
 from sana_jax.trainer.flow_matching import noise_levels
@@ -61,14 +62,13 @@ def main(argv: list[str]) -> None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    for _ in range(2):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(_STEPS.value):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / _STEPS.value
+    carry = [state]
+
+    def train_step():  # threads the donated state through back-to-back steps
+        carry[0], metrics = compiled(carry[0], batch)
+        return metrics
+
+    seconds = median_ms(train_step, warmup=2, repeats=1, inner=_STEPS.value) / 1e3
 
     device = jax.devices()[0]
     peak = _PEAK_TFLOPS.value or next((v for k, v in KNOWN_PEAKS.items() if k in device.device_kind), 0.0)

@@ -1,6 +1,6 @@
 """Measures the shapes checker against the renderer's ground truth, and the input pipelines' speed.
 
-  python tools/bench_data.py [--per_task 2000] [--size 32] [--skip_throughput]
+  python tools/bench/bench_data.py [--per_task 2000] [--size 32] [--skip_throughput]
 
 Prints five tables:
   1. rendered samples: how often the checker accepts a sample's own prompt (ground truth: always)
@@ -18,15 +18,15 @@ Prints five tables:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import tempfile
-import time
 
 import numpy as np
+from absl import app, flags
 from scipy import ndimage
 from tqdm import tqdm
 
+from sana_jax.benchmarking import median_ms
 from sana_jax.data import checker, records, shapes
 from sana_jax.data.autoencoder import SpaceToDepthAE
 from sana_jax.data.pipeline import make_train_iterator
@@ -136,11 +136,9 @@ def junk_table(count: int, size: int, seed: int) -> None:
 
 
 def _samples_per_second(iterator, batch_size: int, batches: int) -> float:
-    next(iterator)  # warm up: threads started, first batches read
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    return batches * batch_size / (time.perf_counter() - start)
+    # One warm-up batch (threads started, first batches read), then `batches` back to back.
+    ms = median_ms(lambda: next(iterator), lambda _: None, warmup=1, repeats=1, inner=batches)
+    return batch_size / ms * 1e3
 
 
 def throughput_table(batch_size: int, batches: int) -> None:
@@ -171,26 +169,26 @@ def throughput_table(batch_size: int, batches: int) -> None:
             print(f"| array_record, cached | 32 px | {threads} | {rate:.0f} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per_task", type=int, default=2000, help="rendered samples per task")
-    parser.add_argument("--size", type=int, default=32, help="image side of the checked samples")
-    parser.add_argument("--seed", type=int, default=1, help="shapes domain seed of the checked samples")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
-    parser.add_argument("--degraded_per_task", type=int, default=300, help="samples per task, degraded")
-    parser.add_argument("--junk", type=int, default=500, help="junk images of each kind")
-    parser.add_argument("--skip_checker", action="store_true")
-    parser.add_argument("--skip_throughput", action="store_true")
-    args = parser.parse_args()
-    if not args.skip_checker:
-        checker_tables(args.per_task, args.size, args.seed)
-        degraded_table(args.degraded_per_task, args.size, args.seed)
-        junk_table(args.junk, args.size, args.seed)
-    if not args.skip_throughput:
-        throughput_table(args.batch_size, args.batches)
+_PER_TASK = flags.DEFINE_integer("per_task", 2000, "rendered samples per task")
+_SIZE = flags.DEFINE_integer("size", 32, "image side of the checked samples")
+_SEED = flags.DEFINE_integer("seed", 1, "shapes domain seed of the checked samples")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "batch size of the timed pipelines")
+_BATCHES = flags.DEFINE_integer("batches", 20, "timed batches per pipeline")
+_DEGRADED_PER_TASK = flags.DEFINE_integer("degraded_per_task", 300, "samples per task, degraded")
+_JUNK = flags.DEFINE_integer("junk", 500, "junk images of each kind")
+_SKIP_CHECKER = flags.DEFINE_bool("skip_checker", False, "skip the checker tables")
+_SKIP_THROUGHPUT = flags.DEFINE_bool("skip_throughput", False, "skip the throughput table")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not _SKIP_CHECKER.value:
+        checker_tables(_PER_TASK.value, _SIZE.value, _SEED.value)
+        degraded_table(_DEGRADED_PER_TASK.value, _SIZE.value, _SEED.value)
+        junk_table(_JUNK.value, _SIZE.value, _SEED.value)
+    if not _SKIP_THROUGHPUT.value:
+        throughput_table(_BATCH_SIZE.value, _BATCHES.value)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

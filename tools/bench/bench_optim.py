@@ -4,20 +4,18 @@ Memory comes from `state_bytes(jax.eval_shape(tx.init, params))`: nothing is all
 one jitted update (preconditioner, weight decay, learning rate, apply) with donated params and state
 on the first `--blocks` blocks of `--preset` plus its non-block weights, on the current backend.
 
-  python tools/bench_optim.py --preset=sana1.5_1600m --blocks=2
+  python tools/bench/bench_optim.py --preset=sana1.5_1600m --blocks=2
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import time
 
 import jax
-import numpy as np
 import optax
-from tqdm import tqdm
+from absl import app, flags
 
+from sana_jax.benchmarking import median_ms
 from sana_jax.model import preset
 from sana_jax.model.transformer import init_params
 from sana_jax.optim import SANA_SCHEME, came, state_bytes
@@ -67,32 +65,29 @@ def time_updates(preset_name: str, blocks: int, repeats: int):
             return optax.apply_updates(params, updates), state
 
         step = jax.jit(step, donate_argnums=(0, 1))
-        p, state = jax.tree.map(lambda x: x.copy(), params), tx.init(params)
-        p, state = step(p, state, grads)  # compile
-        jax.block_until_ready(p)
-        times = []
-        for _ in tqdm(range(repeats), desc=name, leave=False):
-            start = time.perf_counter()
-            p, state = step(p, state, grads)
-            jax.block_until_ready((p, state))
-            times.append(time.perf_counter() - start)
-        ms = 1e3 * float(np.median(times))
+        carry = [(jax.tree.map(lambda x: x.copy(), params), tx.init(params))]
+
+        def update(step=step, carry=carry):  # threads the donated (params, state) through the calls
+            carry[0] = step(*carry[0], grads)
+            return carry[0]
+
+        ms = median_ms(update, warmup=1, repeats=repeats)  # the warm-up call compiles
         print(f"{name:28s}{ms:14.1f}{1e6 * ms / count:12.2f}", flush=True)
-        del p, state
+        carry.clear()  # frees params and state before the next optimizer's
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="sana1.5_1600m")
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip_memory", action="store_true")
-    args = parser.parse_args()
-    if not args.skip_memory:
+_PRESET = flags.DEFINE_string("preset", "sana1.5_1600m", "model preset whose blocks are timed")
+_BLOCKS = flags.DEFINE_integer("blocks", 2, "how many of its blocks (plus the non-block weights)")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed updates per optimizer")
+_SKIP_MEMORY = flags.DEFINE_bool("skip_memory", False, "skip the state-memory table")
+
+
+def main(argv):
+    del argv
+    if not _SKIP_MEMORY.value:
         memory_table()
-    time_updates(args.preset, args.blocks, args.repeats)
+    time_updates(_PRESET.value, _BLOCKS.value, _REPEATS.value)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,0 +1,32 @@
+"""The one wall-clock timer of the benchmarks in tools/bench/."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any] = jax.block_until_ready, *, warmup: int = 2,
+              repeats: int = 5, inner: int = 1) -> float:
+    """Median over `repeats` samples of the mean wall time of `inner` back-to-back `fn()` calls, in ms.
+
+    `warmup` untimed calls come first (compilation, autotuning). `sync(out)` waits until a result is ready:
+    after every warm-up call and after the last call of each sample. The default blocks on JAX arrays; pass
+    e.g. `lambda _: torch.cuda.synchronize()` for torch.
+    """
+    if repeats < 1 or inner < 1:
+        raise ValueError(f"repeats and inner must be at least 1, got {repeats} and {inner}")
+    for _ in range(warmup):
+        sync(fn())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn()
+        sync(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return 1e3 * float(np.median(samples))
