@@ -105,7 +105,7 @@ def flow_match_euler_schedule(num_steps: int, shift: float) -> tuple[np.ndarray,
     shift32 = np.float32(shift)
     sigma_min = float(shift32 * train / (np.float32(1.0) + (shift32 - np.float32(1.0)) * train))
     base = np.linspace(1.0 * n, sigma_min * n, num_steps) / n  # sigma_max = shift(1) = 1.
-    sigmas = (shift * base / (1 + (shift - 1) * base)).astype(np.float32)
+    sigmas = sampling.shift_sigmas(base, shift).astype(np.float32)
     return np.append(sigmas, np.float32(0.0)), sigmas * np.float32(n)
 
 

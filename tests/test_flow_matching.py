@@ -1,6 +1,6 @@
 """The training objective against its formula written out in NumPy, as NVlabs trains SANA.
 
-The reference (SPEC sections 3 and 13; NVlabs/Sana `train_scripts/train.py` and `diffusion/model/respace.py`):
+The reference (SANA 1.0 paper, section 3; NVlabs/Sana `train_scripts/train.py` and `diffusion/model/respace.py`):
   i = int64(1000 * sigmoid(n)), n ~ N(logit_mean, logit_std)          base sigma i / 1000
   sigma = s (i / 1000) / (1 + (s - 1) i / 1000) = s i / (1000 + (s - 1) i)   the shift
   model timestep = int64(1000 * sigma)

@@ -21,8 +21,8 @@ from diffusers import (
     SanaTransformer2DModel,
 )
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
+from test_text_encoder import build_tokenizer
+from transformers import Gemma2Config, Gemma2Model
 
 from sana_jax import pipeline, sample
 from sana_jax.scaling import candidates
@@ -50,19 +50,6 @@ AUTOENCODER = dict(
 TOLERANCE = 1e-3
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    corpus = ["\n".join(INSTRUCTION), *PROMPTS, "blurry, low quality"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
-
-
 def _randomize(module: torch.nn.Module) -> None:
     """Every parameter random (diffusers and transformers start some at zero or one): matrices with std
     1/sqrt(fan-in), vectors with std 0.5, so activations keep a trained model's scale."""
@@ -74,7 +61,7 @@ def _randomize(module: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     torch.manual_seed(0)
-    tokenizer = _tokenizer()
+    tokenizer = build_tokenizer(["\n".join(INSTRUCTION), *PROMPTS, "blurry, low quality"])
     gemma = Gemma2Model(Gemma2Config(
         vocab_size=len(tokenizer), hidden_size=GEMMA_HIDDEN, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,

@@ -57,7 +57,7 @@ def test_knockout_with_byes():
     np.testing.assert_array_equal(search.knockout(yes[:, :3], no[:, :3], 2), [[0, 2]])
 
 
-# Pairwise decisions worked by hand from the documented rule (SPEC section 8, SANA's judge script): a
+# Pairwise decisions worked by hand from the documented rule (SANA's judge script, docs/inference_scaling.md): a
 # candidate answers yes when its yes-logit exceeds its no-logit (equal logits answer no); a yes beats a no;
 # two yeses: the higher yes-logit wins; two noes: the lower no-logit wins; an exact tie goes to b.
 # ((yes_a, no_a), (yes_b, no_b), winner)

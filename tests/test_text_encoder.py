@@ -24,8 +24,8 @@ PROMPTS = ["A Red circle ", "two green triangles left of a blue square", "  a ca
 SHORT = dict(max_length=40, instruction=["Describe:", "Prompt: "])
 
 
-def _build_tokenizer() -> PreTrainedTokenizerFast:
-    corpus = ["\n".join(DIFFUSERS_INSTRUCTION), *PROMPTS, "Describe:\nPrompt: "]
+def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Gemma's special tokens, trained offline on `corpus`."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -41,7 +41,7 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
 def checkpoint(tmp_path_factory):
     """A folder with a tiny random Gemma2ForCausalLM (as SANA's gemma-2-2b-it is stored) and its tokenizer."""
     folder = tmp_path_factory.mktemp("gemma2")
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer(["\n".join(DIFFUSERS_INSTRUCTION), *PROMPTS, "Describe:\nPrompt: "])
     tokenizer.save_pretrained(folder)
     # Grouped-query attention, alternating sliding-window layers with a window far shorter than the
     # prompts, and a soft-cap low enough to bite.

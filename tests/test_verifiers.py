@@ -116,7 +116,7 @@ def test_judge_reads_first_answer_token(judge, vlm_checkpoint):
                                atol=1e-5)
 
 
-# compare(a, b) -> 0 when a wins, worked by hand from the rule in SPEC section 8: an image answers yes when its
+# compare(a, b) -> 0 when a wins, worked by hand from docs/inference_scaling.md's rule: an image answers yes when its
 # yes-logit exceeds its no-logit; a yes beats a no; two yeses: the higher yes-logit wins; two noes: the lower
 # no-logit wins; an exact tie goes to b (SANA's comparisons are strict). ((yes_a, no_a), (yes_b, no_b), result)
 COMPARE_CASES = [
