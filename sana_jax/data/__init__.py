@@ -8,5 +8,6 @@ Modules (import the one you need; the package itself imports nothing heavy):
   images        image loading, centre crop and resize;
   records       ArrayRecord shards of cached latents and text features;
   prepare       image-caption collections -> records (driven by tools/prepare_data.py);
-  pipeline      grain pipelines and `make_train_iterator` for the trainer.
+  pipeline      grain pipelines and `make_train_iterator` for the trainer;
+  tfds_shapes   the shapes domain as a TFDS builder (needs tensorflow-datasets).
 """

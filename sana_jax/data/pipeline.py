@@ -203,7 +203,14 @@ def tfds_data_source(name: str, *, split: str, data_dir: str | None):
     try:
         import tensorflow_datasets as tfds  # optional: only this source needs it
     except ImportError as e:
-        raise ImportError("source 'tfds' needs tensorflow-datasets: pip install tensorflow-datasets") from e
+        raise ImportError("source 'tfds' needs tensorflow-datasets: pip install 'sana-jax[tfds]'") from e
+    try:
+        prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except tfds.core.DatasetNotFoundError:
+        prepared = False
+    if not prepared:
+        raise FileNotFoundError(f"no prepared TFDS dataset {name!r} in {data_dir or 'the default TFDS data_dir'}; "
+                                "prepare it in ArrayRecord format first (docs/data.md)")
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
