@@ -4,16 +4,22 @@ One table (`GLOBAL_ENTRIES`, `BLOCK_ENTRIES`) pairs every diffusers `SanaTransfo
 its params path, its layout change and its PyTorch shape; both directions and all shape checks read it.
 Native NVlabs (`SanaMS`) checkpoints are renamed into diffusers keys by `NATIVE_*` (fused projections
 split by rows) and then take the same path.
+
+`main` is the command line (`tools/convert.py`, `python -m sana_jax.convert`) converting whole checkpoint
+folders: `diffusers_to_orbax`, `orbax_to_diffusers` and `sana_pth_to_orbax`, each written beside DST and
+renamed into place.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from sana_jax import checkpoint as sana_checkpoint
 from sana_jax.model.config import PRESETS, QK_NORMS, SanaConfig
 from sana_jax.model.transformer import TIMESTEP_CHANNELS
 
@@ -536,3 +543,115 @@ def read_sana_pth(
     params = state_dict_to_params(read, config, progress=progress)
     null_caption = state.get(NATIVE_NULL_CAPTION)
     return config, params, None if null_caption is None else _torch_to_numpy(null_caption.float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole checkpoint folders, and the command line.
+
+USAGE = """Converts SANA transformer checkpoints between diffusers, native NVlabs and orbax formats.
+
+  python tools/convert.py diffusers-to-orbax SRC DST  # SRC: config.json + one or sharded *.safetensors
+  python tools/convert.py orbax-to-diffusers SRC DST  # DST: for SanaTransformer2DModel.from_pretrained
+  python tools/convert.py sana-pth-to-orbax SRC.pth DST [--cross-heads N] [--head-dim 32]
+
+The output is written beside DST and renamed into place at the end, so DST is untouched on any failure.
+An existing DST is replaced only with --force and only when it holds nothing but what a conversion writes
+(never SRC, a folder holding SRC, or other files). A native checkpoint's null caption
+(`y_embedder.y_embedding`, the CFG negative of its training) is kept as DST/null_caption.npy.
+Any missing, unexpected or mis-shaped key is an error naming the key and both shapes (exit status 1).
+"""
+
+NULL_CAPTION_FILE = "null_caption.npy"
+# What the conversions write: a sana_jax.checkpoint (+ null caption) or a diffusers folder, whose weight
+# files all start with WEIGHTS_NAME.
+OUTPUT_NAMES = (sana_checkpoint.PARAMS_DIR, sana_checkpoint.CONFIG_FILE, sana_checkpoint.METADATA_FILE,
+                NULL_CAPTION_FILE, "config.json")
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuses SRC itself or a folder holding it as DST, and an existing DST without --force."""
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"DST {dst} is the source: choose another DST")
+    if dst.resolve() in src.resolve().parents:
+        raise ValueError(f"DST {dst} is a parent of SRC {src}: choose another DST")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists: pass --force to replace it")
+
+
+def check_replaceable(dst: Path) -> None:
+    """Refuses to replace a DST that holds anything a conversion does not write."""
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file, not an earlier conversion's output: choose another DST")
+    foreign = sorted(p.name for p in dst.iterdir()
+                     if p.name not in OUTPUT_NAMES and not p.name.startswith(WEIGHTS_NAME))
+    if foreign:
+        raise FileExistsError(f"{dst} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} that "
+                              "convert did not write; --force replaces only an earlier output: choose another DST")
+
+
+def diffusers_to_orbax(src: Path, dst: Path, *, dtype: str | None = None) -> None:
+    """A diffusers transformer folder -> a `sana_jax.checkpoint` at `dst`."""
+    config, params = read_diffusers(src, dtype=dtype, progress=True)
+    with sana_checkpoint.staged(dst, check_replaceable) as out:
+        sana_checkpoint.save(out, config, params)
+
+
+def orbax_to_diffusers(src: Path, dst: Path, *, dtype: str | None = None) -> None:
+    """A `sana_jax.checkpoint` -> a diffusers transformer folder at `dst`."""
+    config, params = sana_checkpoint.load(src)
+    with sana_checkpoint.staged(dst, check_replaceable) as out:
+        write_diffusers(out, config, params, dtype=dtype)
+
+
+def sana_pth_to_orbax(src: Path, dst: Path, *, dtype: str | None = None, head_dim: int = NATIVE_SELF_HEAD_DIM,
+                      cross_heads: int | None = None) -> None:
+    """A native NVlabs .pth file -> a `sana_jax.checkpoint` at `dst`, with its null caption if it has one."""
+    config, params, null_caption = read_sana_pth(src, head_dim=head_dim, cross_num_heads=cross_heads, dtype=dtype,
+                                                 progress=True)
+    with sana_checkpoint.staged(dst, check_replaceable) as out:
+        sana_checkpoint.save(out, config, params)
+        if null_caption is not None:
+            np.save(out / NULL_CAPTION_FILE, null_caption)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser: one subcommand per conversion."""
+    root = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, run, src_help in [
+        ("diffusers-to-orbax", diffusers_to_orbax, "diffusers transformer folder"),
+        ("orbax-to-diffusers", orbax_to_diffusers, "orbax checkpoint directory"),
+        ("sana-pth-to-orbax", sana_pth_to_orbax, "native NVlabs .pth file"),
+    ]:
+        command = commands.add_parser(name, help=f"{src_help} -> {name.rsplit('-', 1)[1]}")
+        command.set_defaults(run=run)
+        command.add_argument("src", type=Path, help=src_help)
+        command.add_argument("dst", type=Path, help="output path (written only on success)")
+        command.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                             help="cast the weights (default: keep bfloat16 if all are, else float32)")
+        command.add_argument("--force", action="store_true",
+                             help="replace an existing DST that holds an earlier conversion's output")
+        if name == "sana-pth-to-orbax":
+            command.add_argument("--head-dim", type=int, default=NATIVE_SELF_HEAD_DIM,
+                                 help="self-attention head dim (default: %(default)s, every SANA model)")
+            command.add_argument("--cross-heads", type=int, default=None,
+                                 help="cross-attention heads (default: from the preset of the same width)")
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one conversion; returns the exit status (1 with a one-line error on stderr on failure)."""
+    args = parser().parse_args(argv)
+    options = {k: getattr(args, k) for k in ("head_dim", "cross_heads") if hasattr(args, k)}
+    try:
+        check_destination(args.src, args.dst, args.force)
+        args.run(args.src, args.dst, dtype=args.dtype, **options)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,9 +61,8 @@ class Evaluation:
 
 
 def eval_prompts(data_config: DataConfig, num_prompts: int, seed: int) -> list[str]:
-    """Fixed prompts of the shapes domain drawn with their own seed (the tasks in turn)."""
-    return [shapes.make_sample(seed, i, size=data_config.resolution, tasks=data_config.tasks).prompt
-            for i in range(num_prompts)]
+    """Fixed prompts of the shapes domain drawn with their own seed (the config's tasks in turn)."""
+    return shapes.prompts(seed, num_prompts, tasks=data_config.tasks)
 
 
 def sample_images(params: dict, model_config: SanaConfig, data_config: DataConfig, prompts: list[str], *,

@@ -33,9 +33,9 @@ from tqdm import tqdm
 from sana_jax import checkpoint, pipeline, sampling
 from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig, make_autoencoder, make_text_encoder
+from sana_jax.grids import save_grid
 from sana_jax.scaling import search
 from sana_jax.scaling.candidates import generate_candidates
-from sana_jax.trainer.monitor import save_grid
 
 VERIFIERS = ("checker", "learned", "clip", "vlm")
 # SANA's sampler; a checkpoint written by the trainer records its own (metadata "sampling").

@@ -1,9 +1,10 @@
 """Checkpoint conversion: diffusers <-> params <-> orbax, native NVlabs .pth, and every failure mode."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -19,9 +20,6 @@ from sana_jax import checkpoint, convert
 from sana_jax.model.config import preset
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
 
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
@@ -64,7 +62,7 @@ def _weights(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _run(*argv) -> int:
-    return tool.main([str(a) for a in argv])
+    return convert.main([str(a) for a in argv])
 
 
 def test_round_trip_is_bit_exact(source, tmp_path):
@@ -199,7 +197,7 @@ def test_native_pth_converts_to_the_same_params(source, native_pth, tmp_path):
     want_config, want = convert.read_diffusers(folder)
     assert config == want_config
     jax.tree.map(np.testing.assert_array_equal, params, want)
-    np.testing.assert_array_equal(np.load(tmp_path / "orbax" / tool.NULL_CAPTION_FILE), null_caption)
+    np.testing.assert_array_equal(np.load(tmp_path / "orbax" / convert.NULL_CAPTION_FILE), null_caption)
 
 
 def test_native_config_inference():
@@ -332,3 +330,10 @@ def test_bad_subcommand(sana15, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "invalid choice: 'safetensors-to-orbax'" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
+
+
+def test_tool_runs_the_library_command_line():
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(command in done.stdout for command in ("diffusers-to-orbax", "orbax-to-diffusers", "sana-pth-to-orbax"))

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sana_jax.autoencoder import PatchPCAAE, SpaceToDepthAE
 from sana_jax.data import checker, shapes
-from sana_jax.data.autoencoder import PatchPCAAE, SpaceToDepthAE
-from sana_jax.data.text_encoder import WordTextEncoder
+from sana_jax.text_encoder import WordTextEncoder
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def _digest(features, mask):
 def test_text_encoder_is_identical_in_a_fresh_process():
     prompts = ["a red circle and a blue square", "four diamonds", "a triangle above a square"]
     here = _digest(*WordTextEncoder(seed=3).encode_text(prompts))
-    code = ("import hashlib; from sana_jax.data.text_encoder import WordTextEncoder; "
+    code = ("import hashlib; from sana_jax.text_encoder import WordTextEncoder; "
             f"f, m = WordTextEncoder(seed=3).encode_text({prompts!r}); "
             "print(hashlib.sha256(f.tobytes() + m.tobytes()).hexdigest())")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

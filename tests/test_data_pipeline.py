@@ -7,10 +7,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import pipeline, shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
 from sana_jax.data.pipeline import DataConfig, make_dataset, make_train_iterator
-from sana_jax.data.text_encoder import WordTextEncoder
+from sana_jax.text_encoder import WordTextEncoder
 
 SMALL = {"epoch_size": 24, "domain_seed": 5}
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import prepare, records, shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
 from sana_jax.data.pipeline import make_dataset, make_train_iterator
-from sana_jax.data.text_encoder import WordTextEncoder
+from sana_jax.text_encoder import WordTextEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

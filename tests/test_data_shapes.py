@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import checker, shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
 from sana_jax.data.shapes import PromptSpec, SceneObject, Thing
 
 PER_TASK = 40  # samples per task at 32 px (tools/bench/bench_data.py runs 2,000)

@@ -6,7 +6,6 @@ docs/reliability.md lists each case and what a user sees.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -26,17 +25,14 @@ from PIL import Image
 from test_train import assert_trees_close, read_metrics, tiny_config
 
 from sana_jax import checkpoint, convert, model, sample
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import prepare, shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
-from sana_jax.data.text_encoder import WordTextEncoder
 from sana_jax.optim import came
 from sana_jax.scaling import candidates
+from sana_jax.text_encoder import WordTextEncoder
 from sana_jax.trainer import run, train
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
-convert_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_tool)
 
 # The shapes data: 32 px images -> 8x8x48 latents, 16 x 64 text features.
 MODEL = dataclasses.replace(model.preset("tiny"), in_channels=48, out_channels=48, caption_channels=64)
@@ -184,7 +180,7 @@ def test_bad_caption_is_skipped_and_fixing_it_resumes(tmp_path):
 # 7. tools/convert.py: --force never deletes what it did not write; a truncated file is one line.
 
 def _convert(capsys, *argv) -> tuple[int, str]:
-    code = convert_tool.main([str(a) for a in argv])
+    code = convert.main([str(a) for a in argv])
     return code, capsys.readouterr().err
 
 

@@ -8,8 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 from test_train import read_metrics, tiny_config
 
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
 from sana_jax.data.pipeline import DataConfig, make_dataset
 from sana_jax.data.tfds_shapes import SanaShapes, ShapesConfig
 from sana_jax.model import init_params

@@ -21,8 +21,8 @@ from transformers import (
 )
 
 from sana_jax.data import shapes
-from sana_jax.data.text_encoder import WordTextEncoder
 from sana_jax.scaling import learned_verifier, verifiers
+from sana_jax.text_encoder import WordTextEncoder
 
 PROMPTS = ["a red circle", "two green triangles left of a blue square", "a cat", "a dog on a mat", "yes"]
 # The judge question as SANA's inference-scaling script writes it.

@@ -9,53 +9,71 @@ the calibration batches from the built-in shapes domain (`sana_jax.data`) or ran
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 import jax
 import numpy as np
+from absl import app, flags
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from sana_jax import checkpoint, surgery
 from sana_jax.model import SanaConfig, init_params, preset
 
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "orbax checkpoint directory written by sana_jax.checkpoint.save")
+_PRESET = flags.DEFINE_string("preset", None, "a sana_jax.model preset with random weights")
+_DATA = flags.DEFINE_enum("data", "shapes", ["shapes", "random"], "calibration data")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "calibration batches")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "samples per batch")
+_TIMESTEPS = flags.DEFINE_string("timesteps", ",".join(map(str, surgery.DEFAULT_TIMESTEPS)),
+                                 "comma-separated model timesteps in [0, 1000]")
+_RESOLUTION = flags.DEFINE_integer("resolution", 32, "shapes: image size in pixels")
+_DOWNSAMPLE = flags.DEFINE_integer("downsample", 4, "shapes: pixels per latent cell")
+_LATENT_SIZE = flags.DEFINE_integer("latent_size", 8, "random: latent grid side")
+_TEXT_LENGTH = flags.DEFINE_integer("text_length", 16, "random: text tokens")
+_SEED = flags.DEFINE_integer("seed", 0, "weights (preset) and data seed")
+_NOISE_SEED = flags.DEFINE_integer("noise_seed", 0, "seed of the noise added to the calibration latents")
+_KEEP = flags.DEFINE_integer("keep", None, "also print the KEEP most important blocks")
+_OUT = flags.DEFINE_string("out", "block_importance.png", "PNG path of the plots")
+flags.mark_flags_as_mutual_exclusive(["checkpoint", "preset"], required=True)
 
-def shapes_batches(config: SanaConfig | None, args) -> tuple[SanaConfig | None, list[dict]]:
+
+def shapes_batches(config: SanaConfig) -> tuple[SanaConfig, list[dict]]:
     """Batches of the shapes domain; a preset config is resized to the data's channels."""
     from sana_jax.data import pipeline
 
-    text_dim = config.caption_channels if args.checkpoint else pipeline.DataConfig.text_dim
+    text_dim = config.caption_channels if _CHECKPOINT.value else pipeline.DataConfig.text_dim
     # A trained model's latent space and text encoder come from its metadata.
-    trained = checkpoint.load_metadata(args.checkpoint).get("data", {}) if args.checkpoint else {}
+    trained = checkpoint.load_metadata(_CHECKPOINT.value).get("data", {}) if _CHECKPOINT.value else {}
     data = pipeline.DataConfig.from_mapping({
-        **trained, "source": "shapes", "resolution": args.resolution, "downsample": args.downsample,
-        "text_dim": text_dim, "domain_seed": args.seed})
+        **trained, "source": "shapes", "resolution": _RESOLUTION.value, "downsample": _DOWNSAMPLE.value,
+        "text_dim": text_dim, "domain_seed": _SEED.value})
     shapes = pipeline.element_shapes(data)
     channels = shapes["latents"][-1]
-    if args.checkpoint and channels != config.in_channels:
+    if _CHECKPOINT.value and channels != config.in_channels:
         sys.exit(f"the checkpoint's model takes {config.in_channels} latent channels; shapes data with "
-                 f"--downsample={args.downsample} gives {channels}")
-    if not args.checkpoint:
+                 f"--downsample={_DOWNSAMPLE.value} gives {channels}")
+    if not _CHECKPOINT.value:
         config = dataclasses.replace(config, in_channels=channels, out_channels=channels,
                                      caption_channels=shapes["text"][-1])
-    dataset = pipeline.make_dataset(data, seed=args.seed, batch_size=args.batch_size, process_index=0,
+    dataset = pipeline.make_dataset(data, seed=_SEED.value, batch_size=_BATCH_SIZE.value, process_index=0,
                                     process_count=1)
-    batches = [{k: dataset[i][k] for k in ("latents", "text", "text_mask")} for i in range(args.num_batches)]
+    batches = [{k: dataset[i][k] for k in ("latents", "text", "text_mask")} for i in range(_NUM_BATCHES.value)]
     return config, batches
 
 
-def random_batches(config: SanaConfig, args) -> list[dict]:
+def random_batches(config: SanaConfig) -> list[dict]:
     """Random clean latents and text features; each caption keeps a random number of tokens."""
-    rng = np.random.default_rng(args.seed)
-    side, length = args.latent_size, args.text_length
+    rng = np.random.default_rng(_SEED.value)
+    side, length, batch_size = _LATENT_SIZE.value, _TEXT_LENGTH.value, _BATCH_SIZE.value
     batches = []
-    for _ in range(args.num_batches):
-        lengths = rng.integers(1, length + 1, args.batch_size)
+    for _ in range(_NUM_BATCHES.value):
+        lengths = rng.integers(1, length + 1, batch_size)
         batches.append({
-            "latents": rng.standard_normal((args.batch_size, side, side, config.in_channels), np.float32),
-            "text": rng.standard_normal((args.batch_size, length, config.caption_channels), np.float32),
+            "latents": rng.standard_normal((batch_size, side, side, config.in_channels), np.float32),
+            "text": rng.standard_normal((batch_size, length, config.caption_channels), np.float32),
             "text_mask": (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
         })
     return batches
@@ -75,54 +93,36 @@ def plot(importance: np.ndarray, per_timestep: np.ndarray, timesteps: list[int],
     fig.savefig(path, dpi=120)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="orbax checkpoint directory written by sana_jax.checkpoint.save")
-    model.add_argument("--preset", help="a sana_jax.model preset with random weights")
-    parser.add_argument("--data", choices=("shapes", "random"), default="shapes")
-    parser.add_argument("--num_batches", type=int, default=4)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--timesteps", default=",".join(map(str, surgery.DEFAULT_TIMESTEPS)),
-                        help="comma-separated model timesteps in [0, 1000]")
-    parser.add_argument("--resolution", type=int, default=32, help="shapes: image size in pixels")
-    parser.add_argument("--downsample", type=int, default=4, help="shapes: pixels per latent cell")
-    parser.add_argument("--latent_size", type=int, default=8, help="random: latent grid side")
-    parser.add_argument("--text_length", type=int, default=16, help="random: text tokens")
-    parser.add_argument("--seed", type=int, default=0, help="weights (preset) and data seed")
-    parser.add_argument("--noise_seed", type=int, default=0)
-    parser.add_argument("--keep", type=int, help="also print the KEEP most important blocks")
-    parser.add_argument("--out", default="block_importance.png", help="PNG path of the plots")
-    args = parser.parse_args()
-    timesteps = [int(t) for t in args.timesteps.split(",")]
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    timesteps = [int(t) for t in _TIMESTEPS.value.split(",")]
 
-    if args.checkpoint:
-        from sana_jax import checkpoint
-
-        config, params = checkpoint.load(args.checkpoint)
-        name = args.checkpoint
+    if _CHECKPOINT.value:
+        config, params = checkpoint.load(_CHECKPOINT.value)
+        name = _CHECKPOINT.value
     else:
-        config, params, name = preset(args.preset), None, args.preset
-    if args.data == "shapes":
-        config, batches = shapes_batches(config, args)
+        config, params, name = preset(_PRESET.value), None, _PRESET.value
+    if _DATA.value == "shapes":
+        config, batches = shapes_batches(config)
     else:
-        batches = random_batches(config, args)
+        batches = random_batches(config)
     if params is None:
-        params = jax.jit(init_params)(config, jax.random.key(args.seed))
+        params = jax.jit(init_params)(config, jax.random.key(_SEED.value))
 
     per_timestep = surgery.block_importance_per_timestep(params, config, batches, timesteps=timesteps,
-                                                         noise_seed=args.noise_seed)
+                                                         noise_seed=_NOISE_SEED.value)
     importance = per_timestep.mean(axis=0)
-    print(f"block importance of {name} ({config.depth} blocks), {args.num_batches} x {args.batch_size} "
-          f"{args.data} samples")
+    print(f"block importance of {name} ({config.depth} blocks), {_NUM_BATCHES.value} x {_BATCH_SIZE.value} "
+          f"{_DATA.value} samples")
     print("block      BI  " + "".join(f"{'t=' + str(t):>9}" for t in timesteps))
     for block in range(config.depth):
         print(f"{block:5d} {importance[block]:9.5f}  " + "".join(f"{v:9.5f}" for v in per_timestep[:, block]))
-    if args.keep is not None:
-        print(f"the {args.keep} most important blocks: {surgery.most_important_blocks(importance, args.keep)}")
-    plot(importance, per_timestep, timesteps, f"block importance: {name}", args.out)
-    print(f"wrote {args.out}")
+    if _KEEP.value is not None:
+        print(f"the {_KEEP.value} most important blocks: {surgery.most_important_blocks(importance, _KEEP.value)}")
+    plot(importance, per_timestep, timesteps, f"block importance: {name}", _OUT.value)
+    print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

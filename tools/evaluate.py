@@ -16,8 +16,8 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from sana_jax import checkpoint, evaluation
+from sana_jax.grids import save_grid
 from sana_jax.sample import recorded_settings
-from sana_jax.trainer.monitor import save_grid
 
 _MODEL = flags.DEFINE_string("model", None, "a sana_jax.checkpoint directory, e.g. a workdir's model/")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 120, "evaluation prompts (the six tasks in turn)")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import prepare
-from sana_jax.data.autoencoder import SpaceToDepthAE
-from sana_jax.data.text_encoder import WordTextEncoder
+from sana_jax.text_encoder import WordTextEncoder
 
 
 def main() -> None:

@@ -9,13 +9,12 @@ Cached records (decoded with the space-to-depth autoencoder they were prepared w
 from __future__ import annotations
 
 import argparse
-import textwrap
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import checker, records, shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
+from sana_jax.grids import save_grid
 
 
 def shapes_cells(seed: int, rows: int, size: int) -> list[tuple[np.ndarray, str]]:
@@ -44,26 +43,6 @@ def record_cells(data_dir: str, count: int) -> list[tuple[np.ndarray, str]]:
     return cells
 
 
-def grid(cells: list[tuple[np.ndarray, str]], columns: int, scale: int) -> Image.Image:
-    """Tiles images (nearest-neighbour upscaled by `scale`) with wrapped captions beneath."""
-    font = ImageFont.load_default(size=12)
-    side = cells[0][0].shape[0] * scale
-    chars = max(side // 7, 12)
-    captions = [textwrap.wrap(caption, chars) for _, caption in cells]
-    text_h = 15 * max(len(lines) for lines in captions) + 6
-    pad = 8
-    rows = -(-len(cells) // columns)
-    canvas = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, ((image, _), lines) in enumerate(zip(cells, captions, strict=True)):
-        x = pad + (i % columns) * (side + pad)
-        y = pad + (i // columns) * (side + text_h + pad)
-        canvas.paste(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), (x, y))
-        for j, line in enumerate(lines):
-            draw.text((x, y + side + 3 + 15 * j), line, fill="black", font=font)
-    return canvas
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +58,8 @@ def main() -> None:
         cells = record_cells(args.data_dir, args.rows * columns)
     else:
         cells = shapes_cells(args.seed, args.rows, args.size)
-    grid(cells, columns, args.scale).save(args.out)
+    images, captions = zip(*cells, strict=True)
+    save_grid(args.out, np.stack(images), captions, scale=args.scale, columns=columns)
     print(f"wrote {len(cells)} samples to {args.out}")
 
 

@@ -1,14 +1,40 @@
-"""`DCAE`: a DC-AE as a latent space for images in [0, 1], with optional tiled decoding."""
+"""Latent spaces: the `Autoencoder` interface and `DCAE`, a DC-AE as one, with optional tiled decoding.
+
+The interface is the part of diffusers' `AutoencoderDC` that training and sampling use, channels-last:
+`encode(images (B, H, W, 3) in [0, 1]) -> latents (B, H/f, W/f, C)` already multiplied by the scaling
+factor, and `decode(latents) -> images` clamped to [0, 1], with `downsample` = f. The shapes domain's
+pixel-patch latent spaces implementing it are in `sana_jax.autoencoder.patch`.
+"""
 
 from __future__ import annotations
 
 import pathlib
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from sana_jax.autoencoder import convert, dc_ae, tiling
 from sana_jax.autoencoder.config import DCAEConfig
+
+Array = Any  # numpy or jax array
+
+
+class Autoencoder(Protocol):
+    """What the pipelines, tools and samplers need from an autoencoder."""
+
+    @property
+    def latent_channels(self) -> int: ...
+
+    @property
+    def downsample(self) -> int: ...
+
+    @property
+    def scaling_factor(self) -> float: ...
+
+    def encode(self, images: Array) -> Array: ...
+
+    def decode(self, latents: Array) -> Array: ...
 
 
 class DCAE:

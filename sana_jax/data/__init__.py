@@ -1,10 +1,11 @@
 """Data for training and evaluation.
 
+The shapes domain's latent spaces and text encoder live beside DC-AE and Gemma-2, in
+`sana_jax.autoencoder.patch` and `sana_jax.text_encoder.word`.
+
 Modules (import the one you need; the package itself imports nothing heavy):
   shapes        the built-in compositional shapes domain: prompt grammar and renderer;
   checker       judges whether an image satisfies a shapes prompt;
-  autoencoder   the autoencoder interface and the exact space-to-depth latent space;
-  text_encoder  the text encoder interface and the word-level encoder of the shapes domain;
   images        image loading, centre crop and resize;
   records       ArrayRecord shards of cached latents and text features;
   prepare       image-caption collections -> records (driven by tools/prepare_data.py);

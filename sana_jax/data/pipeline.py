@@ -29,9 +29,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from sana_jax.autoencoder import Autoencoder, PatchPCAAE, SpaceToDepthAE
 from sana_jax.data import images, records, shapes
-from sana_jax.data.autoencoder import Autoencoder, PatchPCAAE, SpaceToDepthAE
-from sana_jax.data.text_encoder import TextEncoder, WordTextEncoder
+from sana_jax.text_encoder import TextEncoder, WordTextEncoder
 
 SOURCES = ("shapes", "array_record", "tfds")
 LATENTS = ("space_to_depth", "patch_pca")

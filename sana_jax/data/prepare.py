@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sana_jax.autoencoder import Autoencoder
 from sana_jax.data import images, records
-from sana_jax.data.autoencoder import Autoencoder
-from sana_jax.data.text_encoder import TextEncoder
+from sana_jax.text_encoder import TextEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 PLAN = "plan.json"

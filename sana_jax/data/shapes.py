@@ -362,13 +362,26 @@ def render(objects: Sequence[SceneObject], rng: np.random.Generator, size: int) 
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def _draw_spec(seed: int, index: int, tasks: Sequence[str]) -> tuple[np.random.Generator, PromptSpec]:
+    """The random stream of sample `index` of the domain `seed` and its prompt, drawn first from it."""
+    if index < 0:
+        raise ValueError(f"sample index must be non-negative, got {index}")
+    rng = np.random.default_rng((seed, index))
+    return rng, sample_spec(rng, tasks[index % len(tasks)])
+
+
 def make_sample(seed: int, index: int, *, size: int = 32, tasks: Sequence[str] = TASKS) -> Sample:
     """Sample `index` of the domain `seed`: task `tasks[index % len(tasks)]`, image size x size."""
     if size < MIN_SIZE:
         raise ValueError(f"image size {size} is too small; expected at least {MIN_SIZE}")
-    if index < 0:
-        raise ValueError(f"sample index must be non-negative, got {index}")
-    rng = np.random.default_rng((seed, index))
-    spec = sample_spec(rng, tasks[index % len(tasks)])
+    rng, spec = _draw_spec(seed, index, tasks)
     objects = layout(spec, rng, size)
     return Sample(format_prompt(spec), spec, render(objects, rng, size), objects)
+
+
+def prompts(seed: int, count: int, *, tasks: Sequence[str] = TASKS) -> list[str]:
+    """The prompts of samples 0 to `count` - 1 of the domain `seed` (the tasks in turn), not rendered.
+
+    GenEval-lite evaluates on these, drawn with a seed that training does not read.
+    """
+    return [format_prompt(_draw_spec(seed, index, tasks)[1]) for index in range(count)]

@@ -22,8 +22,8 @@ import optax
 from flax import serialization
 from tqdm import tqdm
 
-from sana_jax.data.text_encoder import TextEncoder
 from sana_jax.scaling.verifiers import check_inputs
+from sana_jax.text_encoder import TextEncoder
 
 Batch = tuple[np.ndarray, Sequence[str], np.ndarray]  # images (B, H, W, 3) in [0, 1], prompts, labels (B,).
 

@@ -17,9 +17,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from sana_jax.data import checker, shapes
-from sana_jax.data.text_encoder import TextEncoder
 from sana_jax.scaling import learned_verifier
 from sana_jax.scaling.evaluation import auc
+from sana_jax.text_encoder import TextEncoder
 
 _PALETTE = np.array(list(shapes.COLORS.values()), np.float64)
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from sana_jax import checkpoint as sana_checkpoint
 from sana_jax import evaluation
 from sana_jax.data.pipeline import DataConfig, element_shapes, make_train_iterator
+from sana_jax.grids import save_grid
 from sana_jax.model import SanaConfig, init_params, preset
 from sana_jax.trainer import monitor, sharding
 from sana_jax.trainer.flow_matching import evaluation_loss, noise_levels
@@ -393,8 +394,8 @@ def sample_and_score(params: dict, model_config: SanaConfig, data_config: DataCo
     accuracy = result.accuracy()
     if jax.process_index() == 0:
         n = sampling.grid_size
-        monitor.save_grid(grid_path, result.images[:n], result.prompts[:n], verdicts=result.verdicts[:n],
-                          title=f"{title}  GenEval-lite {accuracy['overall']:.2f} on {len(result.prompts)} prompts")
+        save_grid(grid_path, result.images[:n], result.prompts[:n], verdicts=result.verdicts[:n],
+                  title=f"{title}  GenEval-lite {accuracy['overall']:.2f} on {len(result.prompts)} prompts")
     return {"sample_accuracy": accuracy["overall"],
             **{f"sample_accuracy/{task}": value for task, value in accuracy.items() if task != "overall"}}
 

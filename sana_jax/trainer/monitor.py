@@ -1,15 +1,12 @@
-"""What a run shows: metrics.jsonl, TensorBoard events, throughput, and sample grids with verdicts."""
+"""What a run records: metrics.jsonl, TensorBoard events and throughput."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
-from PIL import Image, ImageDraw
 
 
 class MetricWriter:
@@ -64,34 +61,3 @@ class Throughput:
         self._time, self._steps = now, steps
         return {"steps_per_s": rate, "images_per_s": rate * self.batch_size}
 
-
-def save_grid(path: Path, images: np.ndarray, prompts: list[str], *, verdicts: list[bool] | None = None,
-              title: str = "", scale: int = 3) -> None:
-    """A PNG grid of images with their prompts (and a green/red frame for checker verdicts)."""
-    n = len(images)
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    size = images.shape[1] * scale
-    cell_w, cell_h = max(size, 150) + 8, size + 40
-    top = 18 if title else 0
-    canvas = Image.new("RGB", (cols * cell_w, rows * cell_h + top), "white")
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 2), title, fill="black")
-    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-        x, y = (i % cols) * cell_w + 4, (i // cols) * cell_h + top + 4
-        tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-        canvas.paste(tile.resize((size, size), Image.NEAREST), (x, y))
-        if verdicts is not None:
-            draw.rectangle((x - 2, y - 2, x + size + 1, y + size + 1), outline="green" if verdicts[i] else "red",
-                           width=2)
-        words, line, lines = prompt.split(), "", []
-        for word in words:
-            if len(line) + len(word) > 26:
-                lines.append(line)
-                line = ""
-            line = f"{line} {word}".strip()
-        lines.append(line)
-        draw.multiline_text((x, y + size + 2), "\n".join(lines[:3]), fill="black", spacing=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)

@@ -26,11 +26,11 @@ from absl import app, flags
 from scipy import ndimage
 from tqdm import tqdm
 
+from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.benchmarking import median_ms
 from sana_jax.data import checker, records, shapes
-from sana_jax.data.autoencoder import SpaceToDepthAE
 from sana_jax.data.pipeline import make_train_iterator
-from sana_jax.data.text_encoder import WordTextEncoder
+from sana_jax.text_encoder import WordTextEncoder
 
 
 def checker_tables(per_task: int, size: int, seed: int) -> None:

@@ -1,31 +1,13 @@
-"""Text encoders: the interface and a small deterministic word-level one for the shapes domain.
-
-The interface is what the pipelines and samplers use from Gemma-2 (`sana_jax.text_encoder`):
-`encode_text(prompts) -> (features (B, L, C) float32, mask (B, L) int32 of 0/1)`, right-padded to
-`max_length` tokens, with `feature_dim` = C.
-"""
+"""`WordTextEncoder`: a small deterministic word-level text encoder for the shapes domain."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 
 from sana_jax.data import shapes
-
-
-class TextEncoder(Protocol):
-    """What the pipelines, tools and samplers need from a text encoder."""
-
-    @property
-    def max_length(self) -> int: ...
-
-    @property
-    def feature_dim(self) -> int: ...
-
-    def encode_text(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclasses.dataclass(frozen=True)

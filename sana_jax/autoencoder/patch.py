@@ -1,36 +1,17 @@
-"""Latent spaces: the autoencoder interface, an exact space-to-depth one and its patch-PCA reduction.
+"""Pixel-patch latent spaces of the shapes domain: exact space-to-depth and its patch-PCA reduction.
 
-The interface is the part of diffusers' `AutoencoderDC` that training and sampling use, channels-last:
-`encode(images (B, H, W, 3) in [0, 1]) -> latents (B, H/f, W/f, C)` already multiplied by the scaling
-factor, and `decode(latents) -> images` clamped to [0, 1], with `downsample` = f.
+Both implement `sana_jax.autoencoder.Autoencoder` on numpy and jax arrays alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 Array = Any  # numpy or jax array
-
-
-class Autoencoder(Protocol):
-    """What the pipelines, tools and samplers need from an autoencoder."""
-
-    @property
-    def latent_channels(self) -> int: ...
-
-    @property
-    def downsample(self) -> int: ...
-
-    @property
-    def scaling_factor(self) -> float: ...
-
-    def encode(self, images: Array) -> Array: ...
-
-    def decode(self, latents: Array) -> Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
