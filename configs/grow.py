@@ -5,7 +5,7 @@ checkpoint, resumed when <workdir>/base has one). Stage "grow": partial preserva
 blocks start as exact identities), then training with CAME-8bit.
 
 python -m sana_jax.train --config=configs/grow.py
-For a converted SANA 1.6B checkpoint grown to 60 blocks (keeping 18), see configs/sana1.5_4800m.py.
+For a converted SANA 1.6B checkpoint grown to 60 blocks (keeping 18), see configs/sana1_5_4800m.py.
 """
 
 from ml_collections import ConfigDict

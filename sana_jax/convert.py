@@ -12,7 +12,6 @@ renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -25,13 +24,15 @@ from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
+from absl import flags
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from sana_jax import checkpoint as sana_checkpoint
-from sana_jax.model.config import PRESETS, QK_NORMS, SanaConfig
+from sana_jax import cli
+from sana_jax.model.config import PARAM_DTYPES, PRESETS, QK_NORMS, SanaConfig
 from sana_jax.model.transformer import TIMESTEP_CHANNELS
 
 Params = dict[str, Any]
@@ -172,8 +173,8 @@ def check_shapes(found: Shapes, expected: Shapes, what: str = "key") -> None:
 def _param_dtype(dtype: str | None, stored: set[str]) -> str:
     """The requested dtype, else bfloat16 when every stored tensor is bfloat16, else float32."""
     if dtype is not None:
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'bfloat16'")
+        if dtype not in PARAM_DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {PARAM_DTYPES}")
         return dtype
     return "bfloat16" if stored == {"bfloat16"} else "float32"
 
@@ -614,42 +615,63 @@ def sana_pth_to_orbax(src: Path, dst: Path, *, dtype: str | None = None, head_di
             np.save(out / NULL_CAPTION_FILE, null_caption)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command line's parser: one subcommand per conversion."""
-    root = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, run, src_help in [
-        ("diffusers-to-orbax", diffusers_to_orbax, "diffusers transformer folder"),
-        ("orbax-to-diffusers", orbax_to_diffusers, "orbax checkpoint directory"),
-        ("sana-pth-to-orbax", sana_pth_to_orbax, "native NVlabs .pth file"),
-    ]:
-        command = commands.add_parser(name, help=f"{src_help} -> {name.rsplit('-', 1)[1]}")
-        command.set_defaults(run=run)
-        command.add_argument("src", type=Path, help=src_help)
-        command.add_argument("dst", type=Path, help="output path (written only on success)")
-        command.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                             help="cast the weights (default: keep bfloat16 if all are, else float32)")
-        command.add_argument("--force", action="store_true",
-                             help="replace an existing DST that holds an earlier conversion's output")
-        if name == "sana-pth-to-orbax":
-            command.add_argument("--head-dim", type=int, default=NATIVE_SELF_HEAD_DIM,
-                                 help="self-attention head dim (default: %(default)s, every SANA model)")
-            command.add_argument("--cross-heads", type=int, default=None,
-                                 help="cross-attention heads (default: from the preset of the same width)")
-    return root
+# The commands: name -> (conversion, what SRC is).
+COMMANDS: dict[str, tuple[Callable[..., None], str]] = {
+    "diffusers-to-orbax": (diffusers_to_orbax, "diffusers transformer folder"),
+    "orbax-to-diffusers": (orbax_to_diffusers, "orbax checkpoint directory"),
+    "sana-pth-to-orbax": (sana_pth_to_orbax, "native NVlabs .pth file"),
+}
+# Flags that only sana-pth-to-orbax takes.
+NATIVE_FLAGS = ("head-dim", "cross-heads")
+
+
+def flag_values() -> flags.FlagValues:
+    """The command line's flags, on their own `FlagValues`; COMMAND SRC DST are positional."""
+    values = flags.FlagValues()
+    flags.DEFINE_enum("dtype", None, PARAM_DTYPES,
+                      "cast the weights (default: keep bfloat16 if all are, else float32)", flag_values=values)
+    flags.DEFINE_boolean("force", False, "replace an existing DST that holds an earlier conversion's output",
+                         flag_values=values)
+    flags.DEFINE_integer("head-dim", NATIVE_SELF_HEAD_DIM, "sana-pth-to-orbax: self-attention head dim "
+                         f"(default: {NATIVE_SELF_HEAD_DIM}, every SANA model)", flag_values=values)
+    flags.DEFINE_integer("cross-heads", None, "sana-pth-to-orbax: cross-attention heads (default: from the preset "
+                         "of the same width)", flag_values=values)
+    return values
+
+
+def _help_text() -> str:
+    """USAGE and one line per command."""
+    commands = "\n".join(f"  {name:<20} {src} -> {name.rsplit('-', 1)[1]}"
+                          for name, (_, src) in COMMANDS.items())
+    return f"{USAGE}\ncommands (COMMAND SRC DST; DST is written only on success):\n{commands}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one conversion; returns the exit status (1 with a one-line error on stderr on failure)."""
-    args = parser().parse_args(argv)
-    options = {k: getattr(args, k) for k in ("head_dim", "cross_heads") if hasattr(args, k)}
+    """Runs one conversion (`argv`: COMMAND SRC DST [flags], None: `sys.argv[1:]`); returns the exit status (1
+    with a one-line error on stderr on failure). A usage mistake exits with status 2 and one line."""
+    values = flag_values()
+    positional = cli.parse(values, argv, _help_text(), positional=True)
+    if not positional:
+        cli.fail(f"expected COMMAND SRC DST with COMMAND one of <{'|'.join(COMMANDS)}>")
     try:
-        check_destination(args.src, args.dst, args.force)
-        args.run(args.src, args.dst, dtype=args.dtype, **options)
+        command = flags.EnumParser(list(COMMANDS)).parse(positional[0])
+    except ValueError as error:
+        cli.fail(f"COMMAND={positional[0]!r}: {error}")
+    if len(positional) != 3:
+        cli.fail(f"{command} expects SRC DST, got {positional[1:]}")
+    misplaced = [f"--{name}" for name in NATIVE_FLAGS if values[name].present]
+    if misplaced and command != "sana-pth-to-orbax":
+        cli.fail(f"{', '.join(misplaced)}: a flag of sana-pth-to-orbax only, not of {command}")
+    src, dst = (Path(path) for path in positional[1:])
+    options = ({name.replace("-", "_"): values[name].value for name in NATIVE_FLAGS}
+               if command == "sana-pth-to-orbax" else {})
+    try:
+        check_destination(src, dst, values["force"].value)
+        COMMANDS[command][0](src, dst, dtype=values["dtype"].value, **options)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst}")
+    print(f"wrote {dst}")
     return 0
 
 

@@ -18,19 +18,21 @@ and scores.json: the settings and, per prompt, its text, N scores and the kept c
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
-from sana_jax import checkpoint, pipeline, sampling
+from sana_jax import checkpoint, cli, pipeline, sampling
 from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig, make_autoencoder, make_text_encoder
 from sana_jax.grids import save_grid
@@ -45,73 +47,82 @@ AUTOENCODERS = ("shapes", "dcae")
 SHEET_SIZE = 64  # candidates on a contact sheet, besides kept ones beyond them
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a checkpoint directory of sana_jax.checkpoint.save")
-    parser.add_argument("--pretrained", help="instead of --checkpoint, a diffusers SANA pipeline folder")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    parser.add_argument("--prompts_file", help="a text file of prompts, one per line")
-    parser.add_argument("--num_candidates", type=int, default=8, help="N, candidates per prompt")
-    parser.add_argument("--keep", type=int, default=1, help="k, candidates kept per prompt")
-    parser.add_argument("--verifier", default="checker", help=f"one of {VERIFIERS}")
-    parser.add_argument("--verifier_path", help="weights of the learned, clip or vlm verifier")
-    parser.add_argument("--method", default="best_of_n", help=f"one of {search.METHODS} (knockout needs vlm)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    for name, kind in (("num_steps", int), ("guidance_scale", float), ("shift", float), ("solver", str)):
-        parser.add_argument(f"--{name}", type=kind, help=f"default: the checkpoint's metadata (shift and solver: "
-                            f"--pretrained's scheduler), else {SAMPLING_DEFAULTS[name]}")
-    parser.add_argument("--chunk_size", type=int, help="candidates sampled at once (default: all N, or as "
-                        "many as fit in a quarter of the free memory)")
-    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the checkpoint's "
-                        f"metadata, else {DataConfig.resolution}; for --pretrained the transformer's sample_size "
-                        "times the autoencoder's downsampling)")
-    parser.add_argument("--text_encoder", choices=TEXT_ENCODERS, help="with --checkpoint (default shapes)")
-    parser.add_argument("--text_encoder_path", help="a Gemma-2 checkpoint for --text_encoder=gemma")
-    parser.add_argument("--autoencoder", choices=AUTOENCODERS, help="with --checkpoint (default shapes)")
-    parser.add_argument("--autoencoder_path", help="a diffusers AutoencoderDC folder for --autoencoder=dcae")
-    args = parser.parse_args(argv)
+def flag_values() -> flags.FlagValues:
+    """The command line's flags, on their own `FlagValues`."""
+    values = flags.FlagValues()
+    define = {"flag_values": values}
+    flags.DEFINE_string("checkpoint", None, "a checkpoint directory of sana_jax.checkpoint.save", **define)
+    flags.DEFINE_string("pretrained", None, "instead of --checkpoint, a diffusers SANA pipeline folder", **define)
+    flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for several)", **define)
+    flags.DEFINE_string("prompts_file", None, "a text file of prompts, one per line", **define)
+    flags.DEFINE_integer("num_candidates", 8, "N, candidates per prompt", **define)
+    flags.DEFINE_integer("keep", 1, "k, candidates kept per prompt", **define)
+    flags.DEFINE_enum("verifier", "checker", VERIFIERS, f"one of {VERIFIERS}", **define)
+    flags.DEFINE_string("verifier_path", None, "weights of the learned, clip or vlm verifier", **define)
+    flags.DEFINE_enum("method", "best_of_n", search.METHODS, f"one of {search.METHODS} (knockout needs vlm)",
+                      **define)
+    flags.DEFINE_string("out", None, "output directory", **define)
+    flags.mark_flag_as_required("out", flag_values=values)
+    flags.DEFINE_integer("seed", 0, "seed of the candidates' noise", **define)
+    for name, define_flag in (("num_steps", flags.DEFINE_integer), ("guidance_scale", flags.DEFINE_float),
+                              ("shift", flags.DEFINE_float), ("solver", flags.DEFINE_string)):
+        define_flag(name, None, f"default: the checkpoint's metadata (shift and solver: --pretrained's scheduler), "
+                    f"else {SAMPLING_DEFAULTS[name]}", **define)
+    flags.DEFINE_integer("chunk_size", None, "candidates sampled at once (default: all N, or as many as fit in "
+                         "a quarter of the free memory)", **define)
+    flags.DEFINE_integer("resolution", None, "image side in pixels (default: the checkpoint's metadata, else "
+                         f"{DataConfig.resolution}; for --pretrained the transformer's sample_size times the "
+                         "autoencoder's downsampling)", **define)
+    flags.DEFINE_enum("text_encoder", None, TEXT_ENCODERS, "with --checkpoint (default shapes)", **define)
+    flags.DEFINE_string("text_encoder_path", None, "a Gemma-2 checkpoint for --text_encoder=gemma", **define)
+    flags.DEFINE_enum("autoencoder", None, AUTOENCODERS, "with --checkpoint (default shapes)", **define)
+    flags.DEFINE_string("autoencoder_path", None, "a diffusers AutoencoderDC folder for --autoencoder=dcae",
+                        **define)
+    return values
 
-    if args.verifier not in VERIFIERS:
-        parser.error(f"--verifier={args.verifier!r}: expected one of {VERIFIERS}")
-    if args.method not in search.METHODS:
-        parser.error(f"--method={args.method!r}: expected one of {search.METHODS}")
+
+def parse_args(argv: Sequence[str] | None = None) -> SimpleNamespace:
+    """The settings of a command line (`argv` without the program name; None: `sys.argv[1:]`), completed from
+    the checkpoint's or pipeline's records; a mistake ends the command with one line on stderr (status 2)."""
+    values = flag_values()
+    cli.parse(values, argv, __doc__)
+    args = SimpleNamespace(**values.flag_values_dict())
+
     if args.method == "knockout" and args.verifier != "vlm":
-        parser.error(f"--method=knockout compares yes/no logits: it needs --verifier=vlm, not {args.verifier!r}")
+        cli.fail(f"--method=knockout compares yes/no logits: it needs --verifier=vlm, not {args.verifier!r}")
     if args.verifier != "checker" and not args.verifier_path:
-        parser.error(f"--verifier={args.verifier} needs --verifier_path")
+        cli.fail(f"--verifier={args.verifier} needs --verifier_path")
     if not 1 <= args.keep <= args.num_candidates:
-        parser.error(f"--keep={args.keep} with --num_candidates={args.num_candidates}: expected "
-                     "1 <= keep <= num_candidates")
+        cli.fail(f"--keep={args.keep} with --num_candidates={args.num_candidates}: expected "
+                 "1 <= keep <= num_candidates")
     if (args.checkpoint is None) == (args.pretrained is None):
-        parser.error("expected exactly one of --checkpoint (a sana_jax checkpoint) and --pretrained (a diffusers "
-                     "SANA pipeline folder)")
+        cli.fail("expected exactly one of --checkpoint (a sana_jax checkpoint) and --pretrained (a diffusers "
+                 "SANA pipeline folder)")
     if args.pretrained:
         given = [f"--{name}" for name in ("text_encoder", "text_encoder_path", "autoencoder", "autoencoder_path")
                  if getattr(args, name) is not None]
         if given:
-            parser.error(f"--pretrained brings its own text encoder and autoencoder: drop {', '.join(given)}")
+            cli.fail(f"--pretrained brings its own text encoder and autoencoder: drop {', '.join(given)}")
     else:
         for name, path in (("text_encoder", args.text_encoder_path), ("autoencoder", args.autoencoder_path)):
             setattr(args, name, getattr(args, name) or "shapes")
             if getattr(args, name) != "shapes" and not path:
-                parser.error(f"--{name}={getattr(args, name)} needs --{name}_path")
+                cli.fail(f"--{name}={getattr(args, name)} needs --{name}_path")
         if not Path(args.checkpoint, checkpoint.CONFIG_FILE).is_file():
-            parser.error(f"--checkpoint={args.checkpoint}: no checkpoint there (expected a directory holding "
-                         f"{checkpoint.CONFIG_FILE})")
+            cli.fail(f"--checkpoint={args.checkpoint}: no checkpoint there (expected a directory holding "
+                     f"{checkpoint.CONFIG_FILE})")
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
-            parser.error(f"--prompts_file={args.prompts_file}: no such file")
+            cli.fail(f"--prompts_file={args.prompts_file}: no such file")
         args.prompt += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not args.prompt:
-        parser.error("no prompts: give --prompt and/or --prompts_file")
+        cli.fail("no prompts: give --prompt and/or --prompts_file")
     given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
     if args.pretrained:
         try:
             args.data, sampler = None, pretrained_settings(args.pretrained, **given)
         except (OSError, ValueError) as error:
-            parser.error(f"--pretrained={args.pretrained}: {error}")
+            cli.fail(f"--pretrained={args.pretrained}: {error}")
     else:
         args.data, sampler = recorded_settings(args.checkpoint, **given)
     for name, value in sampler.items():
@@ -124,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ("solver", args.solver in sampling.SOLVERS, f"one of {sampling.SOLVERS}"),
             ("chunk_size", args.chunk_size is None or args.chunk_size >= 1, "an integer >= 1")):
         if not ok:
-            parser.error(f"--{name}={getattr(args, name)}: expected {expected}")
+            cli.fail(f"--{name}={getattr(args, name)}: expected {expected}")
     if args.resolution is None and args.data is not None:  # --pretrained: set by `load_model`.
         args.resolution = args.data.resolution
     return args
@@ -160,7 +171,7 @@ def pretrained_settings(folder: str, **given: Any) -> dict[str, Any]:
     return sampler
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+def load_model(args: SimpleNamespace) -> tuple[Any, Any, Any, Any]:
     """(config, params, text encoder, autoencoder) of --checkpoint or --pretrained; for --pretrained, fills in
     the default --resolution (the transformer's sample_size times the autoencoder's downsampling)."""
     if args.pretrained:
@@ -175,7 +186,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return config, params, _text_encoder(args), _autoencoder(args)
 
 
-def _text_encoder(args: argparse.Namespace) -> Any:
+def _text_encoder(args: SimpleNamespace) -> Any:
     if args.text_encoder == "gemma":
         from sana_jax.text_encoder import GemmaTextEncoder
 
@@ -183,7 +194,7 @@ def _text_encoder(args: argparse.Namespace) -> Any:
     return make_text_encoder(args.data)
 
 
-def _autoencoder(args: argparse.Namespace) -> Any:
+def _autoencoder(args: SimpleNamespace) -> Any:
     if args.autoencoder == "dcae":
         from sana_jax.autoencoder import DCAE
 
@@ -191,7 +202,7 @@ def _autoencoder(args: argparse.Namespace) -> Any:
     return make_autoencoder(args.data)
 
 
-def _verifier(args: argparse.Namespace, text_encoder: Any) -> Any:
+def _verifier(args: SimpleNamespace, text_encoder: Any) -> Any:
     from sana_jax.scaling import learned_verifier, verifiers
 
     if args.verifier == "checker":
@@ -223,18 +234,18 @@ def encode_prompts(text_encoder: Any, prompts: list[str], *, grammar: bool) -> l
             if grammar:
                 shapes.parse_prompt(prompt)
         except ValueError as error:
-            print(f"error: prompt {p} ({prompt!r}): {error}", file=sys.stderr)
-            sys.exit(2)
+            cli.fail(f"prompt {p} ({prompt!r}): {error}")
     return encoded
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Samples, judges and writes the candidates of the command line `argv` (None: `sys.argv[1:]`)."""
     args = parse_args(argv)
     config, params, text_encoder, autoencoder = load_model(args)
     verifier = _verifier(args, text_encoder)
     if args.resolution % autoencoder.downsample:
-        raise ValueError(f"--resolution={args.resolution}: expected a multiple of the autoencoder's "
-                         f"downsampling factor {autoencoder.downsample}")
+        cli.fail(f"--resolution={args.resolution}: expected a multiple of the autoencoder's downsampling factor "
+                 f"{autoencoder.downsample}")
     side = args.resolution // autoencoder.downsample
     encoded = encode_prompts(text_encoder, args.prompt, grammar=args.verifier == "checker")
     # The null caption; a pipeline's Gemma-2 encodes it without the instruction prefix, as diffusers does.

@@ -15,22 +15,16 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sana_jax.cli import fail
 from sana_jax.trainer import Stopped, WorkdirError, run, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with get_config()", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
-
-
-def _fail(message: str) -> NoReturn:
-    """Ends the command with a one-line error."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -41,27 +35,27 @@ def _parse_flags(argv: list[str]) -> list[str]:
             _CONFIG.value.keys()  # config_flags reports a file it could not load on first use
         return args
     except flags.Error as error:
-        _fail(str(error))
+        fail(str(error))
     except OSError as error:  # config_flags could not load the file
         reason = str(error).strip().splitlines()[-1].strip()
-        _fail(f"--config: cannot load the config file ({reason}); expected a Python file with get_config()")
+        fail(f"--config: cannot load the config file ({reason}); expected a Python file with get_config()")
     except (AttributeError, KeyError) as error:  # config_flags: an override of a field the config lacks
         name = str(error).strip("\"'")
         typed = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")
                  and arg.split("=")[0].endswith(f".{name}")]
-        _fail(f"{typed[0] if typed else name}: the config has no field {name!r} (the fields and their "
+        fail(f"{typed[0] if typed else name}: the config has no field {name!r} (the fields and their "
               "defaults are in sana_jax/trainer/config.py)")
 
 
 def _check_workdir(workdir: Path) -> None:
     """Exits with a one-line error unless `workdir` is (or can become) a writable directory."""
     if workdir.exists() and not workdir.is_dir():
-        _fail(f"--workdir={workdir} is a file: expected a directory")
+        fail(f"--workdir={workdir} is a file: expected a directory")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=workdir).close()
     except OSError as error:
-        _fail(f"--workdir={workdir}: expected a writable directory ({error.strerror})")
+        fail(f"--workdir={workdir}: expected a writable directory ({error.strerror})")
 
 
 def _maybe_initialize_distributed() -> None:
@@ -83,13 +77,13 @@ def main(argv: list[str]) -> None:
     try:
         validate(config, num_devices=jax.device_count())
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     workdir = Path(_WORKDIR.value or Path("workdir") / Path(flags.FLAGS["config"].config_filename).stem)
     _check_workdir(workdir)
     try:
         run(config, workdir)
     except WorkdirError as error:
-        _fail(str(error))
+        fail(str(error))
     except Stopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(128 + stopped.signum)

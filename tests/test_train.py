@@ -239,7 +239,7 @@ def test_sharded_meshes_match_one_device(tmp_path):
 def test_every_shipped_config_validates(path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(path.stem.replace(".", "_"), path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()

@@ -16,9 +16,9 @@ skipped once the time budget would be overrun:
   diffusers    SanaTransformer2DModel (bf16, same random weights and inputs), eager and torch.compile.
   sweep        kernel launch configs around the autotune table's choice at the SANA shapes.
 
-Each section runs in its own process (this script with --one-section), so a crash costs one section
-and every section starts with the whole GPU: JAX's allocator keeps what it once used, which torch then
-could not have. Prints one table last and writes JSON to --out (default $OUT/bench_gpu.json),
+Each section runs in its own process (this script, with $BENCH_GPU_SECTION naming the section), so a
+crash costs one section and every section starts with the whole GPU: JAX's allocator keeps what it once
+used, which torch then could not have. Prints one table last and writes JSON to --out (default $OUT/bench_gpu.json),
 rewritten after every section. --dry-run runs the same harness on tiny shapes and the "tiny" preset
 (CPU is enough).
 
@@ -28,7 +28,6 @@ rewritten after every section. --dry-run runs the same harness on tiny shapes an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.metadata
@@ -40,13 +39,16 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from sana_jax import cli
 from sana_jax.benchmarking import median_ms
 
 SECTIONS = ("environment", "check", "kernels", "model", "diffusers", "sweep")
@@ -54,6 +56,8 @@ PACKAGES = ("jax", "jaxlib", "jax-triton", "triton", "torch", "diffusers", "nump
 # Nominal HBM bandwidth by device-kind substring, bytes/s.
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 EPS = 1e-15
+# Set in a child's environment: the one section it runs.
+SECTION_VARIABLE = "BENCH_GPU_SECTION"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,32 +484,39 @@ SECTION_FUNCTIONS = {"environment": environment, "check": check, "kernels": atte
                      "diffusers": diffusers_model, "sweep": sweep}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default: $OUT/bench_gpu.json, else ./bench_gpu.json)")
-    parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="wall-clock seconds for the run; measurements that would overrun are skipped")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed samples per measurement (default 10, each the mean of 5 calls)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the check inputs (default: from the clock)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip torch.compile in the diffusers section")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny shapes, the 'tiny' preset, no torch.compile: checks the harness (CPU too)")
-    parser.add_argument("--one-section", choices=SECTIONS, help=argparse.SUPPRESS)  # a child's job
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
+def flag_values() -> flags.FlagValues:
+    """The command line's flags, on their own `FlagValues`."""
+    values = flags.FlagValues()
+    define = {"flag_values": values}
+    flags.DEFINE_string("out", None, "JSON path (default: $OUT/bench_gpu.json, else ./bench_gpu.json)", **define)
+    flags.DEFINE_float("budget-s", 540.0, "wall-clock seconds for the run; measurements that would overrun are "
+                       "skipped", **define)
+    flags.DEFINE_list("sections", list(SECTIONS), f"comma-separated subset of {SECTIONS}", **define)
+    flags.DEFINE_integer("repeats", None, "timed samples per measurement (default 10, each the mean of 5 calls)",
+                         **define)
+    flags.DEFINE_integer("seed", None, "seed of the check inputs (default: from the clock)", **define)
+    flags.DEFINE_boolean("no-compile", False, "skip torch.compile in the diffusers section", **define)
+    flags.DEFINE_boolean("dry-run", False, "tiny shapes, the 'tiny' preset, no torch.compile: checks the harness "
+                         "(CPU too)", **define)
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SimpleNamespace:
+    """The settings of a command line (`argv` without the program name; None: `sys.argv[1:]`), with the section
+    a child runs (`SECTION_VARIABLE`, None in the parent); a mistake ends the command with one line (status 2)."""
+    values = flag_values()
+    cli.parse(values, argv, __doc__)
+    args = SimpleNamespace(**{name.replace("-", "_"): value for name, value in values.flag_values_dict().items()})
+    unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
-        parser.error(f"--sections: unknown {unknown}; expected a subset of {SECTIONS}")
+        cli.fail(f"--sections: unknown {unknown}; expected a subset of {SECTIONS}")
+    args.one_section = os.environ.get(SECTION_VARIABLE)
+    if args.one_section not in (None, *SECTIONS):
+        cli.fail(f"{SECTION_VARIABLE}={args.one_section!r}: expected one of {SECTIONS}")
     return args
 
 
-def run_one_section(args: argparse.Namespace) -> None:
+def run_one_section(args: SimpleNamespace) -> None:
     """The child: runs section args.one_section and writes its results to args.out."""
     if args.dry_run:
         timer = functools.partial(median_ms, repeats=args.repeats or 1, inner=1, warmup=1)
@@ -521,16 +532,17 @@ def run_one_section(args: argparse.Namespace) -> None:
         json.dump(out, f, indent=2, default=str)
 
 
-def run_in_child(section: str, args: argparse.Namespace, seconds: float, scratch: str) -> dict:
+def run_in_child(section: str, args: SimpleNamespace, seconds: float, scratch: str) -> dict:
     """Runs one section in a fresh process with `seconds` of budget; its results, or why there are none."""
     path = os.path.join(scratch, f"{section}.json")
-    command = [sys.executable, os.path.abspath(__file__), "--one-section", section, "--out", path,
-               "--budget-s", f"{seconds:.0f}", "--seed", str(args.seed)]
+    command = [sys.executable, os.path.abspath(__file__), "--out", path, "--budget-s", f"{seconds:.0f}",
+               "--seed", str(args.seed)]
     command += ["--repeats", str(args.repeats)] if args.repeats else []
     command += [flag for flag, on in (("--dry-run", args.dry_run), ("--no-compile", args.no_compile)) if on]
     try:
         # Past its budget a section only finishes the measurement in hand; allow a compile's worth.
-        code = subprocess.run(command, timeout=seconds + 240).returncode
+        code = subprocess.run(command, timeout=seconds + 240,
+                              env={**os.environ, SECTION_VARIABLE: section}).returncode
     except subprocess.TimeoutExpired:
         return {"stopped": {"error": f"killed after {seconds + 240:.0f} s"}}
     if not os.path.exists(path):
@@ -539,7 +551,8 @@ def run_in_child(section: str, args: argparse.Namespace, seconds: float, scratch
         return json.load(f)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark the command line `argv` (None: `sys.argv[1:]`) asks for; returns its results."""
     args = parse_args(argv)
     for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         if not os.environ.get(name):
@@ -556,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": args.budget_s, "seed": args.seed}
     with tempfile.TemporaryDirectory() as scratch:
         for section in SECTIONS:
-            if section not in args.sections.split(","):
+            if section not in args.sections:
                 continue
             print(f"[bench_gpu] {section}: {budget.left():.0f} s of the budget left", flush=True)
             start = time.monotonic()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from sana_jax import checkpoint, evaluation
+from sana_jax import checkpoint, evaluation, sampling
 from sana_jax.grids import save_grid
 from sana_jax.sample import recorded_settings
 
@@ -26,7 +26,7 @@ _SEED = flags.DEFINE_integer("seed", 1234, "seed of the prompts and the noise")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampler steps (default: the model's metadata)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "classifier-free guidance (default: metadata)")
 _SHIFT = flags.DEFINE_float("shift", None, "sampling shift (default: metadata)")
-_SOLVER = flags.DEFINE_string("solver", None, "flow_dpm_solver or euler (default: metadata)")
+_SOLVER = flags.DEFINE_string("solver", None, f"one of {sampling.SOLVERS} (default: metadata)")
 _OUT = flags.DEFINE_string("out", None, "optional directory for report.json and grid.png")
 
 

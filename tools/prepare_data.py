@@ -15,30 +15,45 @@ The built-in space-to-depth autoencoder and word-level text encoder are the defa
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 
+from absl import flags
+
+from sana_jax import cli
 from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import prepare
 from sana_jax.text_encoder import WordTextEncoder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="folder of images with .txt captions, or a .jsonl file")
-    parser.add_argument("dst", help="output directory")
-    parser.add_argument("--resolution", type=int, default=32,
-                        help="images are centre-cropped and resized to this side")
-    parser.add_argument("--shard_size", type=int, default=1024, help="records per shard")
-    parser.add_argument("--batch_size", type=int, default=64, help="images encoded at once")
-    parser.add_argument("--downsample", type=int, default=4, help="space-to-depth factor of the autoencoder")
-    parser.add_argument("--dc_ae", help="a diffusers AutoencoderDC folder to use instead of space-to-depth")
-    parser.add_argument("--text_length", type=int, default=16, help="text encoder tokens")
-    parser.add_argument("--text_dim", type=int, default=64, help="word-level text encoder feature width")
-    parser.add_argument("--text_seed", type=int, default=0, help="word-level text encoder embedding seed")
-    parser.add_argument("--gemma", help="a Gemma-2 checkpoint (folder or hub id) to use instead of the "
-                        "word-level text encoder; --text_length sets its positions (300 for SANA)")
-    args = parser.parse_args()
+def flag_values() -> flags.FlagValues:
+    """The command line's flags, on their own `FlagValues`; SRC and DST are positional."""
+    values = flags.FlagValues()
+    define = {"flag_values": values}
+    flags.DEFINE_integer("resolution", 32, "images are centre-cropped and resized to this side", **define)
+    flags.DEFINE_integer("shard_size", 1024, "records per shard", **define)
+    flags.DEFINE_integer("batch_size", 64, "images encoded at once", **define)
+    flags.DEFINE_integer("downsample", 4, "space-to-depth factor of the autoencoder", **define)
+    flags.DEFINE_string("dc_ae", None, "a diffusers AutoencoderDC folder to use instead of space-to-depth", **define)
+    flags.DEFINE_integer("text_length", 16, "text encoder tokens", **define)
+    flags.DEFINE_integer("text_dim", 64, "word-level text encoder feature width", **define)
+    flags.DEFINE_integer("text_seed", 0, "word-level text encoder embedding seed", **define)
+    flags.DEFINE_string("gemma", None, "a Gemma-2 checkpoint (folder or hub id) to use instead of the word-level "
+                        "text encoder; --text_length sets its positions (300 for SANA)", **define)
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Prepares SRC into DST as the command line `argv` (None: `sys.argv[1:]`) says."""
+    args = flag_values()
+    positional = cli.parse(args, argv, __doc__, positional=True)
+    if len(positional) != 2:
+        cli.fail(f"expected SRC (a folder of images with .txt captions, or a .jsonl file) and DST (the output "
+                 f"directory), got {positional}")
+    src, dst = positional
+    try:
+        items, skipped = prepare.read_collection(src)
+    except (OSError, ValueError) as error:
+        cli.fail(f"SRC: {error}")
     if args.dc_ae:
         from sana_jax.autoencoder.latent_space import DCAE  # loads JAX and the network only when asked
         autoencoder = DCAE.from_pretrained(args.dc_ae)
@@ -50,11 +65,10 @@ def main() -> None:
     else:
         text_encoder = WordTextEncoder(max_length=args.text_length, feature_dim=args.text_dim,
                                        seed=args.text_seed)
-    items, skipped = prepare.read_collection(args.src)
-    metadata = prepare.prepare(items, args.dst, autoencoder=autoencoder, text_encoder=text_encoder,
+    metadata = prepare.prepare(items, dst, autoencoder=autoencoder, text_encoder=text_encoder,
                                resolution=args.resolution, shard_size=args.shard_size,
                                batch_size=args.batch_size, skipped=skipped)
-    print(f"{metadata['num_records']} records in {metadata['num_shards']} shard(s) under {args.dst}; "
+    print(f"{metadata['num_records']} records in {metadata['num_shards']} shard(s) under {dst}; "
           f"latents {metadata['latent_shape']}, text {metadata['text_shape']}")
     for path, reason in metadata["skipped"]:
         print(f"skipped {path}: {reason}")

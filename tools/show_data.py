@@ -8,10 +8,12 @@ Cached records (decoded with the space-to-depth autoencoder they were prepared w
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 
+from sana_jax import cli
 from sana_jax.autoencoder import SpaceToDepthAE
 from sana_jax.data import checker, records, shapes
 from sana_jax.grids import save_grid
@@ -29,10 +31,13 @@ def shapes_cells(seed: int, rows: int, size: int) -> list[tuple[np.ndarray, str]
 
 def record_cells(data_dir: str, count: int) -> list[tuple[np.ndarray, str]]:
     """The first `count` records of a prepared dataset, decoded to images."""
-    metadata = records.read_metadata(data_dir)
+    try:
+        metadata = records.read_metadata(data_dir)
+    except OSError as error:
+        cli.fail(f"--data_dir={data_dir}: expected a directory written by tools/prepare_data.py ({error})")
     if metadata["autoencoder"]["name"] != SpaceToDepthAE.__name__:
-        raise SystemExit(f"{data_dir} holds {metadata['autoencoder']['name']} latents; only "
-                         f"{SpaceToDepthAE.__name__} latents can be shown here")
+        cli.fail(f"{data_dir} holds {metadata['autoencoder']['name']} latents; only {SpaceToDepthAE.__name__} "
+                 "latents can be shown here")
     autoencoder = SpaceToDepthAE(**metadata["autoencoder"]["config"])
     source = records.RecordSource(records.shard_paths(data_dir))
     cells = []
@@ -43,16 +48,24 @@ def record_cells(data_dir: str, count: int) -> list[tuple[np.ndarray, str]]:
     return cells
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--data_dir", help="a prepared dataset to show instead of the shapes domain")
-    parser.add_argument("--seed", type=int, default=0, help="shapes domain seed")
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--size", type=int, default=32, help="shapes image side in pixels")
-    parser.add_argument("--scale", type=int, default=4, help="upscaling factor of the shown images")
-    args = parser.parse_args()
+def flag_values() -> flags.FlagValues:
+    """The command line's flags, on their own `FlagValues`."""
+    values = flags.FlagValues()
+    define = {"flag_values": values}
+    flags.DEFINE_string("out", None, "PNG file to write", **define)
+    flags.mark_flag_as_required("out", flag_values=values)
+    flags.DEFINE_string("data_dir", None, "a prepared dataset to show instead of the shapes domain", **define)
+    flags.DEFINE_integer("seed", 0, "shapes domain seed", **define)
+    flags.DEFINE_integer("rows", 4, "rows of samples", **define)
+    flags.DEFINE_integer("size", 32, "shapes image side in pixels", **define)
+    flags.DEFINE_integer("scale", 4, "upscaling factor of the shown images", **define)
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Writes the grid the command line `argv` (None: `sys.argv[1:]`) asks for."""
+    args = flag_values()
+    cli.parse(args, argv, __doc__)
     columns = len(shapes.TASKS)
     if args.data_dir:
         cells = record_cells(args.data_dir, args.rows * columns)

@@ -10,9 +10,9 @@ from ml_collections import ConfigDict
 
 from sana_jax.data.pipeline import DataConfig
 from sana_jax.model import PRESETS
+from sana_jax.surgery import DEFAULT_TIMESTEPS, STRATEGIES
 from sana_jax.trainer.optimizers import OPTIMIZERS, SCHEDULES
 
-GROWTH_STRATEGIES = ("partial_preservation", "cyclic", "block_expand")
 PRUNE_METHODS = ("importance", "random", "last")
 
 
@@ -72,7 +72,7 @@ def growth_defaults() -> ConfigDict:
 def prune_defaults() -> ConfigDict:
     return ConfigDict({
         "target_depth": 6, "method": "importance", "calibration_batches": 4,
-        "timesteps": (100, 300, 500, 700, 900), "base_checkpoint": "",
+        "timesteps": DEFAULT_TIMESTEPS, "base_checkpoint": "",
     })
 
 
@@ -135,7 +135,7 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
             f"a multiple of training.grad_accum x mesh devices = {grad_accum} x {data * fsdp} "
             "(the batch is split over the data and fsdp axes)")
     if config.growth is not None:
-        require(config.growth.strategy in GROWTH_STRATEGIES, "growth.strategy", f"one of {GROWTH_STRATEGIES}")
+        require(config.growth.strategy in STRATEGIES, "growth.strategy", f"one of {STRATEGIES}")
         require(config.growth.target_depth >= 1, "growth.target_depth", "a positive depth")
     if config.prune is not None:
         require(config.prune.method in PRUNE_METHODS, "prune.method", f"one of {PRUNE_METHODS}")

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from sana_jax.benchmarking import median_ms
 from sana_jax.data.pipeline import DataConfig, element_shapes
 from sana_jax.model import forward, init_params, preset
+from sana_jax.model.config import COMPUTE_DTYPES, REMAT_POLICIES
 from sana_jax.trainer.loop import model_config_for
 
 
@@ -104,8 +105,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a training config: it
 _BATCH = flags.DEFINE_integer("batch", 8, "batch size (ignored with --config)")
 _LATENT = flags.DEFINE_integer("latent", 16, "latent height = width (ignored with --config)")
 _TEXT_LEN = flags.DEFINE_integer("text_len", 32, "caption tokens (ignored with --config)")
-_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "rematerialisation policy")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", COMPUTE_DTYPES, "compute dtype")
+_REMAT = flags.DEFINE_enum("remat", "none", REMAT_POLICIES, "rematerialisation policy")
 _UNROLL = flags.DEFINE_bool("unroll_blocks", None, "an unrolled loop over blocks instead of a scan "
                             "(default: the preset's or the config's)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls")

@@ -4,7 +4,7 @@ The step is the trainer's own (flow-matching loss, optimizer, clipping, EMA) on 
 synthetic batches of the data's shapes so that input reading is not measured.
 
   python tools/bench/bench_train.py --config=configs/pretrain.py
-  python tools/bench/bench_train.py --config=configs/sana1.5_1600m.py --batch=8 --config.data.data_dir=... (GPU)
+  python tools/bench/bench_train.py --config=configs/sana1_5_1600m.py --batch=8 --config.data.data_dir=... (GPU)
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
 """SANA 1.5's growth: a converted 1.6B checkpoint (20 blocks, first 18 kept) grown to 60 blocks (4.8B).
 
-python -m sana_jax.train --config=configs/sana1.5_4800m.py --config.data.data_dir=/path/to/shards \
+python -m sana_jax.train --config=configs/sana1_5_4800m.py --config.data.data_dir=/path/to/shards \
     --config.growth.base_checkpoint=/path/to/converted_sana1.5_1600m
 """
 
-import importlib.util
-import os
-
 from ml_collections import ConfigDict
 
+from sana_jax.configs import sana1_5_1600m
 from sana_jax.trainer.config import growth_defaults
 
 
 def get_config() -> ConfigDict:
-    path = os.path.join(os.path.dirname(__file__), "sana1.5_1600m.py")
-    spec = importlib.util.spec_from_file_location("sana1_5_1600m", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sana1_5_1600m.get_config()
     c.model.preset = "sana1.5_4800m"
     c.growth = growth_defaults()
     c.growth.target_depth = 60

@@ -1,7 +1,7 @@
 """SANA 1.5 1.6B fine-tuning from cached latents and Gemma-2 features (SANA's published recipe).
 
 Data: ArrayRecord shards written by tools/prepare_data.py with DC-AE f32c32 latents and Gemma-2 features.
-python -m sana_jax.train --config=configs/sana1.5_1600m.py --config.data.data_dir=/path/to/shards \
+python -m sana_jax.train --config=configs/sana1_5_1600m.py --config.data.data_dir=/path/to/shards \
     --config.init_checkpoint=/path/to/converted_sana1.5_1600m
 """
 
