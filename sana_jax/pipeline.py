@@ -54,7 +54,7 @@ _FLOW_DPM_SOLVER = {  # DPMSolverMultistepScheduler, as `sampling.sample_flow` i
     "use_dynamic_shifting": (False, False),
     "num_train_timesteps": (sampling.NUM_TRAIN_TIMESTEPS, 1000),
 }
-_FLOW_MATCH_EULER = {  # FlowMatchEulerDiscreteScheduler, as `flow_match_euler_schedule` reproduces it.
+_FLOW_MATCH_EULER = {  # FlowMatchEulerDiscreteScheduler, as `sampling.flow_match_euler_schedule` reproduces it.
     "use_dynamic_shifting": (False, False),
     "invert_sigmas": (False, False),
     "shift_terminal": (None, None),
@@ -76,7 +76,7 @@ def scheduler_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     Two schedulers are reproduced: SANA's Flow-DPM-Solver, `DPMSolverMultistepScheduler(use_flow_sigmas=True,
     prediction_type="flow_prediction", flow_shift=s)` with its defaults otherwise (solver "flow_dpm_solver",
     `sampling.sample_flow`), and `FlowMatchEulerDiscreteScheduler(shift=s)` (solver "flow_match_euler",
-    whose schedule differs from `sampling.flow_sigmas`: see `flow_match_euler_schedule`).
+    whose schedule differs from `sampling.flow_sigmas`: see `sampling.flow_match_euler_schedule`).
     Raises ValueError naming the first setting that differs.
     """
     name = values.get("_class_name")
@@ -91,22 +91,6 @@ def scheduler_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     if not (isinstance(shift, int | float) and shift > 0):
         raise ValueError(f"scheduler {shift_field}={shift!r}: expected a positive number")
     return {"shift": float(shift), "solver": solver}
-
-
-def flow_match_euler_schedule(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
-    """(sigmas (num_steps + 1,), timesteps (num_steps,)) float32 of diffusers'
-    `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`.
-
-    The scheduler shifts its training sigmas i/1000 once to get sigma_max and sigma_min, spaces num_steps
-    sigmas linearly between them and shifts those again; timesteps are sigma * 1000, not rounded.
-    """
-    n = sampling.NUM_TRAIN_TIMESTEPS
-    train = np.float32(1.0) / np.float32(n)  # The smallest training sigma, before the shift.
-    shift32 = np.float32(shift)
-    sigma_min = float(shift32 * train / (np.float32(1.0) + (shift32 - np.float32(1.0)) * train))
-    base = np.linspace(1.0 * n, sigma_min * n, num_steps) / n  # sigma_max = shift(1) = 1.
-    sigmas = sampling.shift_sigmas(base, shift).astype(np.float32)
-    return np.append(sigmas, np.float32(0.0)), sigmas * np.float32(n)
 
 
 def _text_backend(text_encoder_dir: Path, backend: str) -> str:
@@ -125,8 +109,7 @@ def sample_latents(params, config: SanaConfig, latents: jax.Array, text: jax.Arr
                    guided: bool, shift: float, solver: str = "flow_dpm_solver") -> jax.Array:
     """Integrates the flow from initial latents (B, h, w, C) to clean latents, as diffusers' SanaPipeline.
 
-    `solver` "flow_dpm_solver" or "euler" runs `sampling.sample_flow` on its schedule; "flow_match_euler" runs
-    its Euler solver on `flow_match_euler_schedule` (diffusers' FlowMatchEulerDiscreteScheduler).
+    `solver`: one of `sampling.SOLVERS` ("flow_match_euler" for diffusers' FlowMatchEulerDiscreteScheduler).
 
     With `guided`, the model sees the batch [negative, positive] and the velocity is combined by
     `sampling.classifier_free_guidance` with the (traced) `guidance_scale`; without, the positive branch runs
@@ -143,9 +126,6 @@ def sample_latents(params, config: SanaConfig, latents: jax.Array, text: jax.Arr
                                                         guidance_scale)
     else:
         velocity_fn = lambda x, t: velocity(x, t, text, text_mask)
-    if solver == "flow_match_euler":
-        return sampling.sample_flow(velocity_fn, latents, num_steps=num_steps, shift=shift, solver="euler",
-                                    schedule=flow_match_euler_schedule(num_steps, shift))
     return sampling.sample_flow(velocity_fn, latents, num_steps=num_steps, shift=shift, solver=solver)
 
 

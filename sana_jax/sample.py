@@ -153,10 +153,7 @@ def recorded_settings(checkpoint_dir: str, **given: Any) -> tuple[DataConfig, di
 
 def pretrained_settings(folder: str, **given: Any) -> dict[str, Any]:
     """The sampler for a diffusers pipeline folder: `given` values that are not None, else the scheduler's shift
-    and solver (`pipeline.scheduler_settings`), else `SAMPLING_DEFAULTS` (diffusers' defaults too).
-
-    Raises ValueError for a scheduler of the "flow_match_euler" solver, which the candidate sampler
-    (`generate_candidates`) does not implement, unless `given` names a solver."""
+    and solver (`pipeline.scheduler_settings`), else `SAMPLING_DEFAULTS` (diffusers' defaults too)."""
     scheduler_file = Path(folder, "scheduler", pipeline.SCHEDULER_CONFIG)
     if not Path(folder, "model_index.json").is_file() or not scheduler_file.is_file():
         raise FileNotFoundError(f"expected a diffusers pipeline folder holding model_index.json and {scheduler_file}")
@@ -164,10 +161,6 @@ def pretrained_settings(folder: str, **given: Any) -> dict[str, Any]:
     scheduler = pipeline.scheduler_settings(values)
     sampler = {name: given[name] if given.get(name) is not None else scheduler.get(name, default)
                for name, default in SAMPLING_DEFAULTS.items()}
-    if given.get("solver") is None and scheduler["solver"] == "flow_match_euler":
-        raise ValueError(f"its scheduler {values['_class_name']} (solver flow_match_euler) is not supported by the "
-                         "candidate sampler; pass --solver=flow_dpm_solver or --solver=euler to sample on "
-                         "sana_jax.sampling's schedule instead")
     return sampler
 
 

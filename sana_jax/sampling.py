@@ -18,7 +18,9 @@ import numpy as np
 from sana_jax import model as sana_model
 from sana_jax.model.config import SanaConfig
 
-SOLVERS = ("flow_dpm_solver", "euler")
+# "flow_match_euler": Euler steps on diffusers' FlowMatchEulerDiscreteScheduler schedule
+# (`flow_match_euler_schedule`); the other two run on `flow_sigmas`.
+SOLVERS = ("flow_dpm_solver", "euler", "flow_match_euler")
 NUM_TRAIN_TIMESTEPS = 1000
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -50,6 +52,23 @@ def flow_sigmas(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     sigmas = np.flip(shift_sigmas(base, shift))[:-1]
     timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)
     return np.append(sigmas, 0.0).astype(np.float32), timesteps
+
+
+def flow_match_euler_schedule(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas (num_steps + 1,), timesteps (num_steps,)) float32 of diffusers'
+    `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`.
+
+    The scheduler shifts its training sigmas i/1000 once to get sigma_max and sigma_min, spaces num_steps
+    sigmas linearly between them and shifts those again; timesteps are sigma * 1000, not rounded.
+    """
+    _check_schedule(num_steps, shift)
+    n = NUM_TRAIN_TIMESTEPS
+    train = np.float32(1.0) / np.float32(n)  # The smallest training sigma, before the shift.
+    shift32 = np.float32(shift)
+    sigma_min = float(shift32 * train / (np.float32(1.0) + (shift32 - np.float32(1.0)) * train))
+    base = np.linspace(1.0 * n, sigma_min * n, num_steps) / n  # sigma_max = shift(1) = 1.
+    sigmas = shift_sigmas(base, shift).astype(np.float32)
+    return np.append(sigmas, np.float32(0.0)), sigmas * np.float32(n)
 
 
 def _update_coefficients(sigmas: np.ndarray, solver: str) -> np.ndarray:
@@ -94,8 +113,8 @@ def sample_flow(
       velocity_fn: `(x, timesteps) -> v`, x of noise's shape (B, ...), timesteps (B,) float32 holding the
         model timesteps of the schedule.
       noise: (B, ...) starting point.
-      num_steps, shift: the schedule of `flow_sigmas`; static.
-      solver: "flow_dpm_solver" (DPM-Solver++ 2M) or "euler".
+      num_steps, shift: the schedule of `flow_sigmas` (of `flow_match_euler_schedule` for that solver); static.
+      solver: "flow_dpm_solver" (DPM-Solver++ 2M), "euler" or "flow_match_euler" (`SOLVERS`).
       schedule: another schedule instead, (sigmas (num_steps + 1,) decreasing to 0, timesteps (num_steps,)),
         e.g. diffusers' FlowMatchEulerDiscreteScheduler's; host arrays.
 
@@ -103,7 +122,10 @@ def sample_flow(
       The final x0 sample, float32, noise's shape.
     """
     _check_schedule(num_steps, shift, solver)
-    sigmas, timesteps = flow_sigmas(num_steps, shift) if schedule is None else schedule
+    if schedule is None:
+        make_schedule = flow_match_euler_schedule if solver == "flow_match_euler" else flow_sigmas
+        schedule = make_schedule(num_steps, shift)
+    sigmas, timesteps = schedule
     if len(sigmas) != num_steps + 1 or len(timesteps) != num_steps or sigmas[-1] != 0:
         raise ValueError(f"schedule of {len(sigmas)} sigmas (last {sigmas[-1]}) and {len(timesteps)} timesteps: "
                          f"expected {num_steps + 1} sigmas ending at 0 and {num_steps} timesteps")

@@ -24,7 +24,7 @@ from PIL import Image
 from test_text_encoder import build_tokenizer
 from transformers import Gemma2Config, Gemma2Model
 
-from sana_jax import pipeline, sample
+from sana_jax import pipeline, sample, sampling
 from sana_jax.scaling import candidates
 from sana_jax.surgery import pruning
 
@@ -164,7 +164,7 @@ def test_flow_match_euler_matches_diffusers(euler_folder, latents, num_steps):
 def test_flow_match_euler_schedule(num_steps, shift):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(num_steps)
-    sigmas, timesteps = pipeline.flow_match_euler_schedule(num_steps, shift)
+    sigmas, timesteps = sampling.flow_match_euler_schedule(num_steps, shift)
     np.testing.assert_array_equal(sigmas, scheduler.sigmas.numpy())
     np.testing.assert_array_equal(timesteps, scheduler.timesteps.numpy())
 
@@ -250,7 +250,6 @@ def test_sample_cli_pretrained(folder, euler_folder, tmp_path, capsys):
     for flags, words in [
         ([], ["exactly one of --checkpoint", "--pretrained"]),
         ([f"--pretrained={folder}", f"--checkpoint={folder}"], ["exactly one of --checkpoint"]),
-        ([f"--pretrained={euler_folder}"], ["FlowMatchEulerDiscreteScheduler", "--solver"]),
         ([f"--pretrained={tmp_path}"], ["model_index.json"]),
         ([f"--pretrained={folder}", "--text_encoder=gemma"], ["--text_encoder"]),
     ]:
@@ -260,7 +259,17 @@ def test_sample_cli_pretrained(folder, euler_folder, tmp_path, capsys):
         assert exit_info.value.code != 0 and all(word in message for word in words), message
         assert "Traceback" not in message
     assert not (tmp_path / "bad").exists()
-    # An explicit --solver samples a FlowMatchEuler pipeline on sana_jax.sampling's schedule.
+    # A FlowMatchEuler pipeline samples on its own schedule, as the pipeline does; --solver overrides it.
     args = sample.parse_args([f"--pretrained={euler_folder}", "--solver=euler", "--prompt=a red circle",
                               f"--out={tmp_path}"])
     assert (args.shift, args.solver, args.resolution) == (7.0, "euler", None)
+    euler_out = tmp_path / "euler"
+    sample.main([f"--pretrained={euler_folder}", "--prompt=a red circle", "--num_candidates=1", "--keep=1",
+                 "--num_steps=2", "--verifier=checker", f"--out={euler_out}"])
+    report = json.loads((euler_out / "scores.json").read_text())
+    assert (report["settings"]["shift"], report["settings"]["solver"]) == (7.0, "flow_match_euler")
+    euler_pipe = pipeline.SanaPipeline.from_pretrained(euler_folder)
+    noise = candidates.candidate_noise(jax.random.key(0), 0, 0, (LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS))
+    expected = euler_pipe(["a red circle"], latents=noise[None], num_inference_steps=2)[0]
+    image = np.asarray(Image.open(euler_out / report["prompts"][0]["files"][0]), np.float32) / 255
+    np.testing.assert_allclose(image, expected, atol=0.5 / 255 + 1e-4)
