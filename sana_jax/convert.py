@@ -237,12 +237,11 @@ _FIELD_NAMES = {
     "num_cross_attention_heads": "cross_num_heads", "cross_attention_head_dim": "cross_head_dim",
     "mlp_ratio": "mlp_ratio", "in_channels": "in_channels", "out_channels": "out_channels",
     "caption_channels": "caption_channels", "patch_size": "patch_size", "sample_size": "sample_size",
-    "qk_norm": "qk_norm",
+    "qk_norm": "qk_norm", "interpolation_scale": "interpolation_scale",
 }
 # Fields whose other values change the architecture in ways this model does not implement.
 _REQUIRED_VALUES = {
     "guidance_embeds": False,  # SANA-Sprint's guidance embedding
-    "interpolation_scale": None,  # 2K/4K sin-cos positional embedding
     "attention_bias": False,  # biases on the linear-attention q, k, v
     "norm_elementwise_affine": False,  # affine LayerNorms in the blocks
     "norm_eps": 1e-6,

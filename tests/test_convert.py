@@ -278,7 +278,7 @@ def test_bad_keys_fail_and_leave_dst_untouched(sana15, tmp_path, dst, edit, mess
 
 
 @pytest.mark.parametrize("field, value", [
-    ("guidance_embeds", True), ("interpolation_scale", 1.0), ("attention_bias", True),
+    ("guidance_embeds", True), ("attention_bias", True),
     ("norm_elementwise_affine", True), ("cross_attention_dim", 32), ("qk_norm", "layer_norm"),
 ])
 def test_unsupported_config_fields_fail(sana15, tmp_path, dst, field, value, capsys):
@@ -286,6 +286,18 @@ def test_unsupported_config_fields_fail(sana15, tmp_path, dst, field, value, cap
     assert _run("diffusers-to-orbax", src, dst, "--force") == 1
     assert f"unsupported diffusers config field {field}={value!r}" in capsys.readouterr().err
     _assert_untouched(dst)
+
+
+def test_positional_embedding_scale_round_trips():
+    """diffusers' interpolation_scale (the 2K/4K sin-cos positional embedding) is a SanaConfig field both ways."""
+    config = dataclasses.replace(preset("sana1.5_1600m"), interpolation_scale=2.0)
+    values = convert.config_to_diffusers(config)
+    assert values["interpolation_scale"] == 2.0
+    assert convert.config_from_diffusers(values) == config
+    assert convert.config_from_diffusers({k: v for k, v in values.items() if k != "interpolation_scale"}) == \
+        dataclasses.replace(config, interpolation_scale=None)
+    with pytest.raises(ValueError, match="SanaConfig.interpolation_scale=-1.0: expected None or a positive number"):
+        convert.config_from_diffusers({**values, "interpolation_scale": -1.0})
 
 
 def test_bad_params_fail_orbax_to_diffusers(sana15, tmp_path, dst, capsys):

@@ -15,11 +15,13 @@ from sana_jax import convert, model, sampling
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
             caption_channels=12, sample_size=8)
-VARIANTS = {  # name: (qk_norm, patch size)
-    "sana1.5-p1": ("rms_norm_across_heads", 1),
-    "sana1.5-p2": ("rms_norm_across_heads", 2),
-    "sana1.0-p1": (None, 1),
-    "sana1.0-p2": (None, 2),
+VARIANTS = {  # name: (qk_norm, patch size, interpolation_scale of the 2K/4K positional embedding)
+    "sana1.5-p1": ("rms_norm_across_heads", 1, None),
+    "sana1.5-p2": ("rms_norm_across_heads", 2, None),
+    "sana1.0-p1": (None, 1, None),
+    "sana1.0-p2": (None, 2, None),
+    "sana1.5-p1-pe": ("rms_norm_across_heads", 1, 1.0),
+    "sana1.0-p2-pe2": (None, 2, 2.0),
 }
 # bf16 compute against the fp32 reference, max |error| / max |reference|: measured 0.026 (sana1.5-p1),
 # 0.011 (sana1.5-p2), 0.011 (sana1.0-p1), 0.007 (sana1.0-p2); bf16 keeps 8 mantissa bits (relative
@@ -39,9 +41,10 @@ def _pair(name: str, tmp_path_factory):
     Every parameter is random (diffusers starts some at zero or one): matrices with std 1/sqrt(fan-in),
     vectors with std 0.5, so activations keep the scale of a trained model.
     """
-    qk_norm, patch = VARIANTS[name]
+    qk_norm, patch, interpolation_scale = VARIANTS[name]
     torch.manual_seed(list(VARIANTS).index(name))
-    reference = SanaTransformer2DModel(**TINY, qk_norm=qk_norm, patch_size=patch)
+    reference = SanaTransformer2DModel(**TINY, qk_norm=qk_norm, patch_size=patch,
+                                       interpolation_scale=interpolation_scale)
     with torch.no_grad():
         for p in reference.parameters():
             std = p[0].numel() ** -0.5 if p.ndim > 1 else 0.5
@@ -88,6 +91,9 @@ def test_forward_matches_diffusers(pair, inputs):
     masked_text = np.where(mask[..., None] == 1, text, 100.0).astype(np.float32)
     masked = np.asarray(_forward(params, config, latents, timesteps, masked_text, mask))
     assert _rel_error(masked, want) <= 1e-5
+    # A square latent of the config's sample_size: diffusers' stored positional table instead of a recomputed one.
+    square = (latents[:, :, :8], timesteps, text, mask)
+    assert _rel_error(np.asarray(_forward(params, config, *square)), _diffusers_velocity(reference, *square)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["sana1.5-p1", "sana1.0-p2"])

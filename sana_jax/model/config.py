@@ -40,6 +40,10 @@ class SanaConfig:
     patch_size: int = 1
     sample_size: int = 32
     qk_norm: str | None = None
+    # A 2-D sin-cos positional embedding added to the patch embedding, with positions divided by this scale
+    # (SANA's 2K/4K models; diffusers' `interpolation_scale`). None: no positional embedding, as the 512 and
+    # 1024 px models.
+    interpolation_scale: float | None = None
     # Numerics. Linear attention always accumulates in float32.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -62,6 +66,10 @@ class SanaConfig:
             value = getattr(self, field)
             check(field, isinstance(value, int) and value > 0, "a positive integer")
         check("unroll_blocks", isinstance(self.unroll_blocks, bool), "True or False")
+        check("interpolation_scale", self.interpolation_scale is None
+              or (isinstance(self.interpolation_scale, int | float) and self.interpolation_scale > 0
+                  and self.hidden % 4 == 0), f"None or a positive number (with a hidden size {self.hidden} "
+              "divisible by 4)")
         check("mlp_ratio", self.mlp_ratio > 0, "a positive number")
         check("qk_norm", self.qk_norm in QK_NORMS, f"one of {QK_NORMS}")
         check("compute_dtype", self.compute_dtype in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}")

@@ -100,6 +100,26 @@ def timestep_embedding(timesteps: jax.Array, channels: int = TIMESTEP_CHANNELS) 
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+def sincos_position_embedding(height: int, width: int, dim: int, *, base_size: int,
+                              interpolation_scale: float) -> np.ndarray:
+    """(height * width, dim) float32 positional embedding of a row-major token grid, as diffusers'
+    `get_2d_sincos_pos_embed(dim, (height, width), base_size=..., interpolation_scale=...)`.
+
+    Positions are `index / (side / base_size) / interpolation_scale` in float32; the first dim/2 channels
+    encode the column, the last dim/2 the row, each as [sin, cos] of position * 10000^(-k / (dim / 4)).
+    """
+    rows = np.arange(height, dtype=np.float32) / np.float32(height / base_size) / np.float32(interpolation_scale)
+    cols = np.arange(width, dtype=np.float32) / np.float32(width / base_size) / np.float32(interpolation_scale)
+    omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+    def embed(positions: np.ndarray) -> np.ndarray:
+        angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    col_grid, row_grid = np.meshgrid(cols, rows)  # each (height, width)
+    return np.concatenate([embed(col_grid), embed(row_grid)], axis=1).astype(np.float32)
+
+
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """3x3 depthwise convolution with zero padding 1.
 
@@ -359,6 +379,9 @@ class SanaTransformer(nn.Module):
         patches = latents.reshape(batch, h, p, w, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, h * w, p * p * channels).astype(dtype)
         x = PatchEmbed(cfg, name="patch_embed")(patches)
+        if cfg.interpolation_scale is not None:
+            x = x + sincos_position_embedding(h, w, cfg.hidden, base_size=cfg.sample_size // p,
+                                              interpolation_scale=cfg.interpolation_scale).astype(dtype)
 
         # Timestep: sinusoid -> MLP (emb, D) -> 6D modulation shared by every block.
         emb, t6 = TimeEmbed(cfg, name="time_embed")(timesteps)
