@@ -93,16 +93,6 @@ def scheduler_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     return {"shift": float(shift), "solver": solver}
 
 
-def _text_backend(text_encoder_dir: Path, backend: str) -> str:
-    """"auto": the JAX port when the folder holds a Gemma-2 in safetensors, else transformers."""
-    if backend != "auto":
-        return backend
-    config_file = text_encoder_dir / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
-    has_safetensors = any(text_encoder_dir.glob("*.safetensors"))
-    return "jax" if model_type == "gemma2" and has_safetensors else "torch"
-
-
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "guided", "shift", "solver"))
 def sample_latents(params, config: SanaConfig, latents: jax.Array, text: jax.Array, text_mask: jax.Array,
                    null_text: jax.Array, null_mask: jax.Array, guidance_scale: jax.Array, *, num_steps: int,
@@ -191,9 +181,8 @@ class SanaPipeline:
 
         config, params = convert.read_diffusers(folder / "transformer", dtype=dtype, compute_dtype=dtype)
         autoencoder = DCAE.from_pretrained(folder / "vae")
-        backend = _text_backend(folder / "text_encoder", text_backend)
         text_encoder = GemmaTextEncoder(str(folder / "text_encoder"), tokenizer_path=str(folder / "tokenizer"),
-                                        backend=backend, max_length=max_sequence_length, dtype=dtype,
+                                        backend=text_backend, max_length=max_sequence_length, dtype=dtype,
                                         batch_size=text_batch_size)
         return cls(config, params, text_encoder, autoencoder, source=folder, **settings)
 

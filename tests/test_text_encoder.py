@@ -37,10 +37,8 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", unk_token="<unk>")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A folder with a tiny random Gemma2ForCausalLM (as SANA's gemma-2-2b-it is stored) and its tokenizer."""
-    folder = tmp_path_factory.mktemp("gemma2")
+def save_tiny_gemma(folder) -> str:
+    """Writes a tiny random Gemma2ForCausalLM (as SANA's gemma-2-2b-it is stored) and its tokenizer to `folder`."""
     tokenizer = build_tokenizer(["\n".join(DIFFUSERS_INSTRUCTION), *PROMPTS, "Describe:\nPrompt: "])
     tokenizer.save_pretrained(folder)
     # Grouped-query attention, alternating sliding-window layers with a window far shorter than the
@@ -58,6 +56,11 @@ def checkpoint(tmp_path_factory):
                 param.normal_(0.0, 0.5)
     model.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_gemma(tmp_path_factory.mktemp("gemma2"))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from test_text_encoder import save_tiny_gemma
 from test_train import read_metrics, tiny_config
 
 from sana_jax.autoencoder import SpaceToDepthAE
@@ -13,6 +14,7 @@ from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig, make_dataset
 from sana_jax.data.tfds_shapes import SanaShapes, ShapesConfig
 from sana_jax.model import init_params
+from sana_jax.text_encoder import GemmaTextEncoder
 from sana_jax.trainer import train
 from sana_jax.trainer.loop import model_config_for
 
@@ -56,6 +58,28 @@ def test_trains_from_the_tfds_source(data_dir, tmp_path):
     change = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial), strict=True))
     assert change > 0
+
+
+@pytest.fixture(scope="module")
+def gemma_checkpoint(tmp_path_factory):
+    return save_tiny_gemma(tmp_path_factory.mktemp("gemma2"))
+
+
+def test_trains_on_gemma_features_from_the_tfds_source(data_dir, gemma_checkpoint, tmp_path):
+    """`data.gemma` captions any dataset with Gemma-2 features instead of the shapes-only word encoder."""
+    data = {"source": "tfds", "tfds_name": "sana_shapes/tiny", "tfds_data_dir": data_dir, "gemma": gemma_checkpoint,
+            "text_length": 12}
+    batch = make_dataset(data, seed=0, batch_size=4, process_index=0, process_count=1)[0]
+    captions = [shapes.make_sample(SEED, int(i)).prompt for i in batch["prompt_id"]]
+    text, mask = GemmaTextEncoder(gemma_checkpoint, backend="torch", max_length=12).encode_text(captions)
+    np.testing.assert_allclose(batch["text"], text, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(batch["text_mask"], mask)
+
+    config = tiny_config(steps=2, **{f"data.{key}": value for key, value in data.items()})
+    _, params = train(config, tmp_path)
+    losses = [m["loss"] for m in read_metrics(tmp_path) if "loss" in m]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    assert params["caption_projection"]["linear_1"]["kernel"].shape[0] == text.shape[-1]  # Gemma's width
 
 
 def test_unprepared_dataset_is_named(tmp_path):

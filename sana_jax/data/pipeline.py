@@ -23,6 +23,7 @@ restore with `data=grain.checkpoint.CheckpointRestore(iterator)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,9 @@ class DataConfig:
     text_length: int = 16
     text_dim: int = 64
     text_seed: int = 0
+    # A Gemma-2 checkpoint (local folder or hub id) whose features caption the images instead of the built-in
+    # word encoder, which knows only the shapes vocabulary (`text_length` positions; text_dim and text_seed unused).
+    gemma: str = ""
     # Probability of replacing a caption by the null caption (for classifier-free guidance).
     caption_dropout: float = 0.0
     num_epochs: int | None = None  # None repeats forever
@@ -111,8 +115,20 @@ def make_autoencoder(config: DataConfig) -> Autoencoder:
     return SpaceToDepthAE(downsample=config.downsample)
 
 
-def make_text_encoder(config: DataConfig) -> TextEncoder:
-    """The built-in text encoder of a config."""
+def make_text_encoder(config: Mapping[str, Any] | DataConfig) -> TextEncoder:
+    """The text encoder of a config: Gemma-2 when `config.gemma` names one, else the built-in word encoder.
+
+    Cached per config, so that a Gemma-2 is loaded once however many parts of a run ask for it.
+    """
+    return _text_encoder(DataConfig.from_mapping(config))
+
+
+@functools.lru_cache(maxsize=4)
+def _text_encoder(config: DataConfig) -> TextEncoder:
+    if config.gemma:
+        from sana_jax.text_encoder import GemmaTextEncoder  # loads transformers only when asked
+
+        return GemmaTextEncoder(config.gemma, backend="auto", max_length=config.text_length)
     return WordTextEncoder(max_length=config.text_length, feature_dim=config.text_dim, seed=config.text_seed)
 
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import collections
 import glob
+import json
 import os
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -45,7 +48,7 @@ COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
     "User Prompt: ",
 )
 
-BACKENDS = ("torch", "jax")
+BACKENDS = ("torch", "jax", "auto")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -120,6 +123,13 @@ def _jax_forward(name_or_path: str, dtype: str, batch_size: int) -> tuple[Forwar
     return forward, spec.hidden
 
 
+def _auto_backend(folder: Path) -> str:
+    """"jax" for a local folder holding a Gemma-2 in safetensors (the JAX port reads those), else "torch"."""
+    config_file = folder / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    return "jax" if model_type == "gemma2" and any(folder.glob("*.safetensors")) else "torch"
+
+
 class GemmaTextEncoder:
     """SANA's Gemma-2 prompt features, batched and cached by prompt and by whether the instruction prefix was
     used (least recently used evicted first).
@@ -140,7 +150,8 @@ class GemmaTextEncoder:
           name_or_path: a transformers checkpoint of Gemma-2 (e.g. "Efficient-Large-Model/gemma-2-2b-it").
           tokenizer_path: where the tokenizer is, when not beside the model (e.g. a diffusers pipeline's
             tokenizer/ folder); default `name_or_path`.
-          backend: "torch" (transformers) or "jax" (`gemma2_forward` on the default JAX device).
+          backend: "torch" (transformers), "jax" (`gemma2_forward` on the default JAX device), or "auto": "jax"
+            when `name_or_path` is a local folder holding a Gemma-2 in safetensors, else "torch".
           max_length: L, kept positions per prompt.
           instruction: lines of the prefix, joined with newlines; empty for plain prompts.
           dtype: "float32" or "bfloat16" for the model; features are returned as float32.
@@ -156,6 +167,9 @@ class GemmaTextEncoder:
             raise ValueError(f"max_length={max_length}: expected at least 2 (BOS and one token)")
         from transformers import AutoTokenizer
 
+        if backend == "auto":
+            backend = _auto_backend(Path(name_or_path))
+
         self._tokenizer = AutoTokenizer.from_pretrained(name_or_path if tokenizer_path is None else tokenizer_path)
         self._tokenizer.padding_side = "right"
         if backend == "torch":
@@ -170,6 +184,7 @@ class GemmaTextEncoder:
         self._cache_size = cache_size
         # Keyed by (prefixed, preprocessed prompt); the null caption is never prefixed.
         self._cache: collections.OrderedDict[_Key, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._lock = threading.Lock()  # data pipelines encode from several threads
 
     def encode_text(self, prompts: Sequence[str], instruction: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, L, C) float32 and mask (B, L) int32 for B prompts ("" is the null caption).
@@ -183,18 +198,19 @@ class GemmaTextEncoder:
         prefixed = bool(instruction and self._prefix)
         keys = [(prefixed and bool(text), text) for text in map(preprocess, prompts)]
         found = {}
-        for key in dict.fromkeys(keys):
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                found[key] = self._cache[key]
-        missing = [key for key in dict.fromkeys(keys) if key not in found]
-        # Prefixed and plain texts have different token lengths: each kind is encoded on its own.
-        fresh = (self._encode_uncached([key for key in missing if key[0]])
-                 | self._encode_uncached([key for key in missing if not key[0]]))
-        for key, entry in fresh.items():
-            self._cache[key] = entry
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    found[key] = self._cache[key]
+            missing = [key for key in dict.fromkeys(keys) if key not in found]
+            # Prefixed and plain texts have different token lengths: each kind is encoded on its own.
+            fresh = (self._encode_uncached([key for key in missing if key[0]])
+                     | self._encode_uncached([key for key in missing if not key[0]]))
+            for key, entry in fresh.items():
+                self._cache[key] = entry
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         found |= fresh
         features = np.zeros((len(keys), self.max_length, self.feature_dim), np.float32)
         mask = np.zeros((len(keys), self.max_length), np.int32)
