@@ -157,11 +157,9 @@ def pretrained_settings(folder: str, **given: Any) -> dict[str, Any]:
     scheduler_file = Path(folder, "scheduler", pipeline.SCHEDULER_CONFIG)
     if not Path(folder, "model_index.json").is_file() or not scheduler_file.is_file():
         raise FileNotFoundError(f"expected a diffusers pipeline folder holding model_index.json and {scheduler_file}")
-    values = json.loads(scheduler_file.read_text())
-    scheduler = pipeline.scheduler_settings(values)
-    sampler = {name: given[name] if given.get(name) is not None else scheduler.get(name, default)
-               for name, default in SAMPLING_DEFAULTS.items()}
-    return sampler
+    scheduler = pipeline.scheduler_settings(json.loads(scheduler_file.read_text()))
+    return {name: given[name] if given.get(name) is not None else scheduler.get(name, default)
+            for name, default in SAMPLING_DEFAULTS.items()}
 
 
 def load_model(args: SimpleNamespace) -> tuple[Any, Any, Any, Any]:
