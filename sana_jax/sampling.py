@@ -71,6 +71,14 @@ def flow_match_euler_schedule(num_steps: int, shift: float) -> tuple[np.ndarray,
     return np.append(sigmas, np.float32(0.0)), sigmas * np.float32(n)
 
 
+def solver_schedule(num_steps: int, shift: float, solver: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (sigmas, timesteps) that `solver` runs on by default: `flow_match_euler_schedule` for
+    "flow_match_euler", `flow_sigmas` for the others."""
+    _check_schedule(num_steps, shift, solver)
+    make_schedule = flow_match_euler_schedule if solver == "flow_match_euler" else flow_sigmas
+    return make_schedule(num_steps, shift)
+
+
 def _update_coefficients(sigmas: np.ndarray, solver: str) -> np.ndarray:
     """Per-step (a, b, c), shape (3, num_steps), of `x_next = a x + b x0 + c x0_prev`.
 
@@ -106,7 +114,8 @@ def sample_flow(
     shift: float = 3.0,
     solver: str = "flow_dpm_solver",
     schedule: tuple[np.ndarray, np.ndarray] | None = None,
-) -> jax.Array:
+    return_path: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Integrates the flow from `noise` (sigma = 1) to a sample (sigma = 0).
 
     Args:
@@ -117,14 +126,15 @@ def sample_flow(
       solver: "flow_dpm_solver" (DPM-Solver++ 2M), "euler" or "flow_match_euler" (`SOLVERS`).
       schedule: another schedule instead, (sigmas (num_steps + 1,) decreasing to 0, timesteps (num_steps,)),
         e.g. diffusers' FlowMatchEulerDiscreteScheduler's; host arrays.
+      return_path: also return the sampling path.
 
     Returns:
-      The final x0 sample, float32, noise's shape.
+      The final x0 sample, float32, noise's shape; with `return_path`, also the (num_steps, B, ...) inputs x_t
+      of the steps, the points where the model is evaluated (at the schedule's timesteps).
     """
     _check_schedule(num_steps, shift, solver)
     if schedule is None:
-        make_schedule = flow_match_euler_schedule if solver == "flow_match_euler" else flow_sigmas
-        schedule = make_schedule(num_steps, shift)
+        schedule = solver_schedule(num_steps, shift, solver)
     sigmas, timesteps = schedule
     if len(sigmas) != num_steps + 1 or len(timesteps) != num_steps or sigmas[-1] != 0:
         raise ValueError(f"schedule of {len(sigmas)} sigmas (last {sigmas[-1]}) and {len(timesteps)} timesteps: "
@@ -138,11 +148,11 @@ def sample_flow(
         sigma, t, a, b, c = xs
         v = velocity_fn(x, jnp.full((batch,), t, jnp.float32)).astype(jnp.float32)
         x0 = x - sigma * v
-        return (a * x + b * x0 + c * x0_prev, x0), None
+        return (a * x + b * x0 + c * x0_prev, x0), x if return_path else None
 
     x = jnp.asarray(noise, jnp.float32)
-    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), per_step)
-    return x
+    (x, _), path = jax.lax.scan(step, (x, jnp.zeros_like(x)), per_step)
+    return (x, path) if return_path else x
 
 
 def classifier_free_guidance(velocity_fn: VelocityFn, guidance_scale: float) -> VelocityFn:
@@ -173,7 +183,8 @@ def sample_from_noise(
     guidance_scale: float = 4.5,
     shift: float = 3.0,
     solver: str = "flow_dpm_solver",
-) -> jax.Array:
+    return_path: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Samples latents from given noise with classifier-free guidance (pure; jit- and vmap-able).
 
     Args:
@@ -181,10 +192,11 @@ def sample_from_noise(
       noise: (B, h, w, config.in_channels) starting noise.
       text: (B, L, C_text) caption features; text_mask: (B, L) of 0/1.
       null_text, null_mask: the negative caption, broadcastable to text's and text_mask's shapes.
-      num_steps, shift, solver: see `sample_flow`; guidance_scale 1 runs the positive branch alone. All static.
+      num_steps, shift, solver, return_path: see `sample_flow`; guidance_scale 1 runs the positive branch
+        alone. All static.
 
     Returns:
-      (B, h, w, config.in_channels) float32 latents.
+      (B, h, w, config.in_channels) float32 latents; with `return_path`, also the (num_steps, B, h, w, C) path.
     """
     if guidance_scale == 1.0:
         velocity = lambda x, t: sana_model.forward(params, config, x, t, text, text_mask)
@@ -194,7 +206,7 @@ def sample_from_noise(
                                      text_mask])
         velocity = classifier_free_guidance(
             lambda x, t: sana_model.forward(params, config, x, t, both_text, both_mask), guidance_scale)
-    return sample_flow(velocity, noise, num_steps=num_steps, shift=shift, solver=solver)
+    return sample_flow(velocity, noise, num_steps=num_steps, shift=shift, solver=solver, return_path=return_path)
 
 
 @functools.partial(

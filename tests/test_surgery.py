@@ -242,6 +242,40 @@ def test_block_importance_matches_numpy_on_the_hidden_states(params):
     np.testing.assert_allclose(mean, expected.mean(axis=0), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_block_importance_on_samples_follows_an_euler_loop(params, guidance):
+    """Re-derived with an explicit Euler loop: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_guided(x_i, t_i), and at
+    every x_i the cosines of the conditional forward's stream."""
+    rng = np.random.default_rng(30)
+    text = rng.standard_normal((3, 5, CONFIG.caption_channels)).astype(np.float32)
+    mask = np.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int32)
+    null_text, null_mask = np.zeros((5, CONFIG.caption_channels), np.float32), np.zeros((5,), np.int32)
+    got, timesteps = surgery.block_importance_on_samples(
+        params, CONFIG, text, mask, null_text, null_mask, height=4, width=4, num_steps=3, guidance_scale=guidance,
+        shift=3.0, solver="euler", batch_size=2, noise_seed=5, progress=False)
+    # shift 3 of 1 - linspace(1, 0.001, 4)[:3]
+    sigmas = np.array([3 * s / (1 + 2 * s) for s in (0.999, 0.666, 0.333)] + [0.0], np.float32)
+    np.testing.assert_allclose(timesteps, np.floor(sigmas[:-1] * np.float32(1000)))
+    cosines = []
+    for index, rows in enumerate((slice(0, 2), slice(2, 3))):
+        x = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(5), index),
+                                         (len(text[rows]), 4, 4, CONFIG.in_channels)), np.float64)
+        per_step = []
+        for i, t in enumerate(timesteps):
+            ts = jnp.full((len(x),), t, jnp.float32)
+            v_cond, hidden = _forward_with_hidden(params, CONFIG, jnp.asarray(x, jnp.float32), ts, text[rows],
+                                                  mask[rows])
+            per_step.append(_numpy_cosines(hidden))
+            null = (np.broadcast_to(null_text, text[rows].shape), np.broadcast_to(null_mask, mask[rows].shape))
+            v_null = _forward(params, CONFIG, jnp.asarray(x, jnp.float32), ts, *null)
+            v = np.asarray(v_null, np.float64) + guidance * (np.asarray(v_cond, np.float64) - np.asarray(v_null))
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        cosines.append(np.stack(per_step))  # (steps, depth, tokens)
+    expected = 1 - np.concatenate(cosines, axis=2).mean(axis=2)
+    assert got.shape == (3, 4) and np.all(expected > 1e-3)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
+
+
 def test_identity_block_scores_zero_and_is_pruned_first(params):
     blocks = jax.tree.map(lambda x: x, params["blocks"])  # a new tree: the fixture stays untouched
     for names in OUTPUTS:

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from ml_collections import ConfigDict
 
@@ -162,6 +163,7 @@ def test_held_out_loss_is_logged_on_a_disjoint_domain_seed(tmp_path):
     ({"steps": 0}, "config.steps=0"),
     ({"data.resolutoin": 64}, "unknown data config keys"),
     ({"data.source": "array_record"}, "data_dir is required"),
+    ({"optimizer.eight_bit_scheme": "fp4"}, "optimizer.eight_bit_scheme='fp4'"),
 ])
 def test_bad_configs_fail_before_compiling(change, message):
     config = tiny_config()
@@ -272,3 +274,106 @@ def test_ema_is_the_warmed_up_average_of_the_iterates():
         decay = min(0.5, (1 + t) / (10 + t))  # 0.1, 0.18, 0.25, 0.31: not yet at 0.5
         expected = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * np.asarray(p), expected, state["params"])
     assert_trees_close(state["ema_params"], expected, atol=1e-6)
+
+
+# Optimizer state across surgery: growth.optimizer_state / prune.optimizer_state = "carry".
+
+def _staged(stage: str, optimizer_state: str, **base_changes) -> ConfigDict:
+    """A tiny staged run: a 3-step depth-2 base, then one step of `stage` ("growth" to depth 3)."""
+    from sana_jax.trainer.config import growth_defaults, prune_defaults
+
+    config = tiny_config(steps=1, checkpoint_every=1)
+    with config.unlocked():
+        config.base = tiny_config(steps=3, checkpoint_every=3, **base_changes)
+        config[stage] = growth_defaults() if stage == "growth" else prune_defaults()
+        config[stage].target_depth = 3 if stage == "growth" else 1
+        config[stage].optimizer_state = optimizer_state
+    return config
+
+
+@pytest.mark.parametrize("stage, change, message", [
+    ("growth", {"optimizer_state": "keep"}, "growth.optimizer_state='keep'"),
+    ("growth", {"base_checkpoint": "/models/base"}, "holds weights only"),
+    ("prune", {"base_checkpoint": "/models/base"}, "prune.optimizer_state='carry' needs the base trained"),
+])
+def test_bad_carry_configs_fail_before_compiling(stage, change, message):
+    config = _staged(stage, "carry")
+    config[stage].update(change)
+    with pytest.raises(ValueError, match=message):
+        validate(config, num_devices=jax.device_count())
+
+
+def test_carry_needs_the_same_optimizer_in_both_stages():
+    config = _staged("growth", "carry", **{"optimizer.name": "adamw"})
+    with pytest.raises(ValueError, match="optimizer.name='came' differs from the base's 'adamw'"):
+        validate(config, num_devices=jax.device_count())
+    config = _staged("growth", "carry", **{"optimizer.name": "came_8bit", "optimizer.eight_bit_scheme": "sana"})
+    config.optimizer.name = "came_8bit"
+    with pytest.raises(ValueError, match="optimizer.eight_bit_scheme='dynamic' differs from the base's 'sana'"):
+        validate(config, num_devices=jax.device_count())
+
+
+@pytest.mark.parametrize("name", ["came", "adamw"])
+def test_carried_state_keeps_moments_and_restarts_the_schedule(name):
+    from sana_jax import surgery
+    from sana_jax.trainer.optimizers import carry_optimizer_state, make_optimizer
+
+    config = tiny_config(**{"optimizer.name": name, "optimizer.warmup_steps": 5})
+    tx = make_optimizer(config.optimizer, 10)
+    rng = np.random.default_rng(0)
+    params = {"blocks": {"kernel": jnp.asarray(rng.normal(size=(2, 8, 8)), jnp.float32)},
+              "bias": jnp.zeros((8,), jnp.float32)}
+    state = tx.init(params)
+    for _ in range(3):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        _, state = tx.update(grads, state, params)
+    plan = surgery.growth_plan(2, target_depth=3)
+    grown = surgery.restack(state, plan)
+    fresh = tx.init(surgery.restack(params, plan))
+    carried = carry_optimizer_state(fresh, grown)
+    schedule_counts = [x for x in jax.tree.leaves(carried.inner_state, is_leaf=lambda n: isinstance(
+        n, optax.ScaleByScheduleState)) if isinstance(x, optax.ScaleByScheduleState)]
+    assert [int(x.count) for x in schedule_counts] == [0]  # the new stage's warmup starts again
+    assert int(carried.notfinite_count) == 0
+    moments = lambda s: [np.asarray(x) for x in jax.tree.leaves(s.inner_state) if np.ndim(x) > 0]
+    for got, want in zip(moments(carried), moments(grown), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(np.any(m != 0) for m in moments(carried))
+    if name == "adamw":  # the bias correction's count goes with its moments
+        assert int(carried.inner_state[1][0].count) == 3
+    other = make_optimizer(tiny_config(**{"optimizer.name": "came" if name == "adamw" else "adamw"}).optimizer, 10)
+    with pytest.raises(ValueError, match="does not fit this stage's optimizer"):
+        carry_optimizer_state(other.init(surgery.restack(params, plan)), grown)
+
+
+def _saved_state(checkpoints: Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(checkpoints.absolute())
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+
+
+@pytest.mark.slow
+def test_growth_carries_the_base_optimizer_state(tmp_path):
+    """After one step of the grown stage, CAME's row/column statistics of the kept blocks are b2 = 0.999 times
+    the base's final ones plus a positive term; a fresh state would hold the positive term alone."""
+    from sana_jax.trainer import run
+
+    run(_staged("growth", "carry"), tmp_path)
+    base = _saved_state(tmp_path / "base" / "checkpoints", 3)["opt_state"]
+    grown = _saved_state(tmp_path / "checkpoints", 1)["opt_state"]
+    assert int(base["inner_state"][1][1]["count"]) == 3
+    assert int(grown["inner_state"][1][1]["count"]) == 1  # the grown stage's own schedule, from step 0
+    b2 = 0.999
+    old, new = base["inner_state"][1][0]["nu"]["blocks"], grown["inner_state"][1][0]["nu"]["blocks"]
+    checked = 0
+    for path, after in jax.tree_util.tree_leaves_with_path(new):
+        if not jax.tree_util.keystr(path).endswith(("['v_row']", "['v_col']")):
+            continue
+        before = old
+        for entry in path:
+            before = before[entry.key]
+        before, kept = np.asarray(before), np.asarray(after)[:2]
+        assert np.all(before > 0) and np.all(kept >= b2 * before * (1 - 1e-6)), jax.tree_util.keystr(path)
+        checked += 1
+    assert checked >= 8

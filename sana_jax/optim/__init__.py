@@ -1,11 +1,12 @@
 """CAME and CAME-8bit optimizers as Optax gradient transformations."""
 
-from sana_jax.optim.came import FactoredMoments, ScaleByCameState, came, scale_by_came
+from sana_jax.optim.came import DEFAULT_SCHEME, FactoredMoments, ScaleByCameState, came, scale_by_came
 from sana_jax.optim.factoring import Factoring, came_pytorch_factoring, sana_factoring
 from sana_jax.optim.memory import state_bytes
 from sana_jax.optim.quantize import SANA_SCHEME, Quantized, Scheme, dequantize_blockwise, quantize_blockwise
 
 __all__ = [
+    "DEFAULT_SCHEME",
     "SANA_SCHEME",
     "FactoredMoments",
     "Factoring",

@@ -17,6 +17,7 @@ from sana_jax.surgery.importance import (
     DEFAULT_TIMESTEPS,
     block_cosines,
     block_importance,
+    block_importance_on_samples,
     block_importance_per_timestep,
 )
 from sana_jax.surgery.pruning import most_important_blocks, prune, pruning_plan
@@ -29,6 +30,7 @@ __all__ = [
     "DepthPlan",
     "block_cosines",
     "block_importance",
+    "block_importance_on_samples",
     "block_importance_per_timestep",
     "fresh_blocks",
     "grow",

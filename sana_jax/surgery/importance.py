@@ -8,10 +8,15 @@ At model timestep t (sigma = t / 1000) the input is x_t = (1 - sigma) x0 + sigma
 of the b-th batch (counting from 0) is `jax.random.normal(jax.random.fold_in(jax.random.key(noise_seed),
 b), latents.shape)`, the same at every timestep. One jitted forward per batch and timestep collects the
 whole stream (`forward_with_hidden`).
+
+`block_importance_on_samples` measures the same on the model's own sampling path instead: the inputs x_t of
+every sampler step from noise, for a calibration set of prompts, with the prompts' features (the
+conditional branch), at the sampler's timesteps.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import jax
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from sana_jax import sampling
 from sana_jax.model.config import SanaConfig
 from sana_jax.model.transformer import forward_with_hidden
 
@@ -105,3 +111,57 @@ def block_importance(params: dict, config: SanaConfig, batches: Iterable[Mapping
     """Block importance BI, (depth,) float64: `block_importance_per_timestep` averaged over timesteps."""
     return block_importance_per_timestep(params, config, batches, timesteps=timesteps, noise_seed=noise_seed,
                                          progress=progress).mean(axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps", "guidance_scale", "shift", "solver"))
+def _path_cosines(params: dict, config: SanaConfig, noise: jax.Array, text: jax.Array, text_mask: jax.Array,
+                  null_text: jax.Array, null_mask: jax.Array, *, num_steps: int, guidance_scale: float, shift: float,
+                  solver: str) -> jax.Array:
+    _, path = sampling.sample_from_noise(params, config, noise, text, text_mask, null_text, null_mask,
+                                         num_steps=num_steps, guidance_scale=guidance_scale, shift=shift,
+                                         solver=solver, return_path=True)
+    timesteps = jnp.asarray(sampling.solver_schedule(num_steps, shift, solver)[1], jnp.float32)
+
+    def cosines(step):
+        x, t = step
+        _, hidden = forward_with_hidden(params, config, x, jnp.full((x.shape[0],), t), text, text_mask)
+        return block_cosines(hidden)
+
+    return jax.lax.map(cosines, (path, timesteps))
+
+
+def block_importance_on_samples(params: dict, config: SanaConfig, text: np.ndarray, text_mask: np.ndarray,
+                                null_text: np.ndarray, null_mask: np.ndarray, *, height: int, width: int,
+                                num_steps: int = 20, guidance_scale: float = 1.0, shift: float = 3.0,
+                                solver: str = "flow_dpm_solver", batch_size: int = 64, noise_seed: int = 0,
+                                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Block importance along the model's own sampling path from a calibration set of prompts.
+
+    Args:
+      params, config: the model.
+      text: (P, L, C_text) the prompts' features; text_mask: (P, L) of 0/1.
+      null_text, null_mask: the negative caption of classifier-free guidance (as in `sampling.generate`).
+      height, width: latent size in latent pixels.
+      num_steps, guidance_scale, shift, solver: the sampler (`sampling.sample_from_noise`).
+      batch_size: prompts per jitted call; the noise of call b is normal(fold_in(key(noise_seed), b)).
+      progress: show a progress bar.
+    Returns:
+      (importance (num_steps, depth) float64: 1 - the mean cosine of each block's input and output at every
+      step's input x_t, over the prompts' image tokens; timesteps (num_steps,): the sampler's timesteps).
+    """
+    if len(text) == 0 or len(text) != len(text_mask):
+        raise ValueError(f"text has {len(text)} prompts and text_mask {len(text_mask)}: expected the same "
+                         "positive number")
+    sums, count = np.zeros((num_steps, config.depth)), 0
+    starts = range(0, len(text), batch_size)
+    for index, start in enumerate(tqdm(starts, desc="block importance on samples", disable=not progress)):
+        rows = slice(start, start + batch_size)
+        chunk = jnp.asarray(text[rows], jnp.float32)
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(noise_seed), index),
+                                  (chunk.shape[0], height, width, config.in_channels), jnp.float32)
+        cosines = _path_cosines(params, config, noise, chunk, jnp.asarray(text_mask[rows]), jnp.asarray(null_text),
+                                jnp.asarray(null_mask), num_steps=num_steps, guidance_scale=guidance_scale,
+                                shift=shift, solver=solver)
+        sums += chunk.shape[0] * np.asarray(cosines, np.float64)
+        count += chunk.shape[0]
+    return 1.0 - sums / count, np.asarray(sampling.solver_schedule(num_steps, shift, solver)[1], np.float64)

@@ -11,9 +11,12 @@ from ml_collections import ConfigDict
 from sana_jax.data.pipeline import DataConfig
 from sana_jax.model import PRESETS
 from sana_jax.surgery import DEFAULT_TIMESTEPS, STRATEGIES
-from sana_jax.trainer.optimizers import OPTIMIZERS, SCHEDULES
+from sana_jax.trainer.optimizers import EIGHT_BIT_SCHEMES, OPTIMIZERS, SCHEDULES
 
 PRUNE_METHODS = ("importance", "random", "last")
+# What the stage after a growth or a pruning starts its optimizer from: a new state, or the base stage's final
+# state restacked by the same surgery (`optimizers.carry_optimizer_state`).
+OPTIMIZER_STATES = ("fresh", "carry")
 
 
 def default_config() -> ConfigDict:
@@ -45,6 +48,8 @@ def default_config() -> ConfigDict:
     c.optimizer = ConfigDict({
         "name": "came", "lr": 2e-4, "schedule": "constant", "warmup_steps": 100, "end_lr": 0.0,
         "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "clip_grad_norm": 1.0,
+        # CAME-8bit's first-moment code: "dynamic" (per-row dynamic code) or "sana" (SANA's min-max blocks of 2048).
+        "eight_bit_scheme": "dynamic",
     })
     c.training = ConfigDict({
         "shift": 1.0, "logit_mean": 0.0, "logit_std": 1.0, "uniform_fraction": 0.0, "grad_accum": 1, "ema_decay": 0.0,
@@ -63,6 +68,7 @@ def default_config() -> ConfigDict:
 def growth_defaults() -> ConfigDict:
     return ConfigDict({
         "target_depth": 12, "strategy": "partial_preservation", "keep": -1, "zero_copies": False,
+        "optimizer_state": "fresh",  # or "carry" (OPTIMIZER_STATES): needs a base trained in this run
         # The base model: a checkpoint directory (a sana_jax.checkpoint) or, when empty or absent, a base run
         # trained first in <workdir>/base with the `base` config section.
         "base_checkpoint": "",
@@ -72,7 +78,7 @@ def growth_defaults() -> ConfigDict:
 def prune_defaults() -> ConfigDict:
     return ConfigDict({
         "target_depth": 6, "method": "importance", "calibration_batches": 4,
-        "timesteps": DEFAULT_TIMESTEPS, "base_checkpoint": "",
+        "timesteps": DEFAULT_TIMESTEPS, "base_checkpoint": "", "optimizer_state": "fresh",
     })
 
 
@@ -119,6 +125,8 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
     require(config.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")
     require(config.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
     require(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
+    require(config.optimizer.eight_bit_scheme in EIGHT_BIT_SCHEMES, "optimizer.eight_bit_scheme",
+            f"one of {EIGHT_BIT_SCHEMES}")
     require(config.optimizer.lr > 0, "optimizer.lr", "a positive learning rate")
     require(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0")
     require(0.0 <= config.training.ema_decay < 1.0, "training.ema_decay", "a value in [0, 1)")
@@ -140,5 +148,28 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
     if config.prune is not None:
         require(config.prune.method in PRUNE_METHODS, "prune.method", f"one of {PRUNE_METHODS}")
         require(config.prune.target_depth >= 1, "prune.target_depth", "a positive depth")
+    for name in ("growth", "prune"):
+        stage = config[name]
+        if stage is None:
+            continue
+        require(stage.optimizer_state in OPTIMIZER_STATES, f"{name}.optimizer_state", f"one of {OPTIMIZER_STATES}")
+        if stage.optimizer_state == "carry":
+            _check_carry(config, name)
     if "base" in config and config.base is not None:
         validate(config.base, num_devices=num_devices)
+
+
+def _check_carry(config: ConfigDict, stage: str) -> None:
+    """A carried optimizer state needs the base's final state (a base trained in this run) and the same optimizer."""
+    if config[stage].base_checkpoint:
+        raise ValueError(f"config.{stage}.optimizer_state='carry' needs the base trained in this run, but "
+                         f"{stage}.base_checkpoint={config[stage].base_checkpoint!r} holds weights only; "
+                         "expected an empty base_checkpoint or optimizer_state='fresh'")
+    base = config.base if "base" in config and config.base is not None else None
+    if base is None:
+        return  # _base_section reports the missing base
+    for field in ("name", "eight_bit_scheme"):
+        if base.optimizer[field] != config.optimizer[field]:
+            raise ValueError(f"config.{stage}.optimizer_state='carry': optimizer.{field}="
+                             f"{config.optimizer[field]!r} differs from the base's {base.optimizer[field]!r}; "
+                             "expected the same optimizer in both stages, or optimizer_state='fresh'")

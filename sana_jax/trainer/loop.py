@@ -24,13 +24,13 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from sana_jax import checkpoint as sana_checkpoint
-from sana_jax import evaluation
+from sana_jax import evaluation, surgery
 from sana_jax.data.pipeline import DataConfig, element_shapes, make_train_iterator
 from sana_jax.grids import save_grid
 from sana_jax.model import SanaConfig, init_params, preset
 from sana_jax.trainer import monitor, sharding
 from sana_jax.trainer.flow_matching import evaluation_loss, noise_levels
-from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
+from sana_jax.trainer.optimizers import carry_optimizer_state, learning_rate_schedule, make_optimizer
 from sana_jax.trainer.step import init_train_state, make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
@@ -211,7 +211,7 @@ def _model_is_final(workdir: Path, steps: int) -> bool:
 
 
 def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None,
-          model_config: SanaConfig | None = None, stage: str = "") -> tuple[SanaConfig, dict]:
+          model_config: SanaConfig | None = None, stage: str = "", opt_state: Any = None) -> tuple[SanaConfig, dict]:
     """Trains for `config.steps` steps in `workdir`, resuming from its newest restorable checkpoint if any.
 
     Args:
@@ -222,17 +222,28 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
         `config.init_checkpoint` or a fresh init of the config's model. Checkpoints of another model in
         `workdir` are refused unless `config.resume_saved_model`.
       stage: a label for the progress bar and the metrics.
+      opt_state: on a fresh start, the optimizer state to continue from (an earlier stage's, restacked to
+        this model by `surgery.restack`; see `optimizers.carry_optimizer_state`); None starts a new one.
     Returns:
       The model config and its final params (the EMA weights when `training.ema_decay` > 0).
     Raises:
       Stopped: on SIGINT or SIGTERM, once the state at the current step is saved.
     """
+    model_config, final, _ = _train_stage(config, Path(workdir), params=params, model_config=model_config,
+                                          stage=stage, opt_state=opt_state)
+    return model_config, final
+
+
+def _train_stage(config: ConfigDict, workdir: Path, *, params: dict | None = None,
+                 model_config: SanaConfig | None = None, stage: str = "",
+                 opt_state: Any = None) -> tuple[SanaConfig, dict, dict]:
+    """`train`, also returning the final train state (params, optimizer state, step)."""
     with _stop_on_signals() as stop:
-        return _train(config, Path(workdir), params, model_config, stage, stop)
+        return _train(config, workdir, params, model_config, stage, stop, opt_state)
 
 
 def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config: SanaConfig | None, stage: str,
-           stop: _StopSignal) -> tuple[SanaConfig, dict]:
+           stop: _StopSignal, opt_state: Any) -> tuple[SanaConfig, dict, dict]:
     data_config = DataConfig.from_mapping(config.data)
     planned = model_config or planned_model_config(config)
     saved = saved_model_config(workdir)
@@ -274,6 +285,9 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
             params = jax.jit(init_params, static_argnums=0, out_shardings=params_sharding)(
                 model_config, jax.random.key(config.seed))
         state = build_state(jax.device_put(params, params_sharding))
+        if opt_state is not None:
+            state["opt_state"] = jax.device_put(carry_optimizer_state(state["opt_state"], opt_state),
+                                                state_sharding["opt_state"])
     finish = start < config.steps or not model_is_final  # train, evaluate, sample and write model/
 
     step_fn = jax.jit(
@@ -357,7 +371,7 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
     if finish:  # on every process: orbax writes each process's shards and synchronizes them
         sana_checkpoint.save(workdir / MODEL_DIR, model_config, final,
                              metadata={**model_metadata(config), "step": config.steps}, overwrite=True)
-    return model_config, final
+    return model_config, final, state
 
 
 def _make_evaluation(config: ConfigDict, data_config: DataConfig, model_config: SanaConfig, mesh):
@@ -409,10 +423,19 @@ def model_metadata(config: ConfigDict) -> dict:
                          "shift": sampling.shift, "solver": sampling.solver}}
 
 
-def _load_or_train_base(config: ConfigDict, workdir: Path, base_checkpoint: str) -> tuple[SanaConfig, dict]:
+def _load_or_train_base(config: ConfigDict, workdir: Path,
+                        base_checkpoint: str) -> tuple[SanaConfig, dict, dict | None]:
+    """The base model's config and params, and its final train state when it was trained in this run."""
     if base_checkpoint:
-        return sana_checkpoint.load(base_checkpoint)
-    return train(_base_section(config), workdir / "base", stage="base")
+        return (*sana_checkpoint.load(base_checkpoint), None)
+    return _train_stage(_base_section(config), workdir / "base", stage="base")
+
+
+def _carried_optimizer_state(stage_config: ConfigDict, base_state: dict | None, plan: surgery.DepthPlan) -> Any:
+    """The base's final optimizer state restacked by the surgery's `plan` when the stage carries it, else None."""
+    if stage_config.optimizer_state != "carry":
+        return None
+    return surgery.restack(base_state["opt_state"], plan)
 
 
 def run(config: ConfigDict, workdir: str | Path) -> tuple[SanaConfig, dict]:
@@ -423,33 +446,36 @@ def run(config: ConfigDict, workdir: str | Path) -> tuple[SanaConfig, dict]:
     if saved_model_config(workdir) is not None:  # the final stage already started: resume it
         return train(config, workdir, model_config=planned_model_config(config),
                      stage="grow" if config.growth is not None else "prune")
-    from sana_jax import surgery
-
     if config.growth is not None:
         g = config.growth
-        base_config, base_params = _load_or_train_base(config, workdir, g.base_checkpoint)
+        base_config, base_params, base_state = _load_or_train_base(config, workdir, g.base_checkpoint)
+        keep = None if g.keep < 0 else g.keep
+        plan = surgery.growth_plan(base_config.depth, target_depth=g.target_depth, strategy=g.strategy, keep=keep,
+                                   zero_copies=g.zero_copies)
         new_config, new_params = surgery.grow(
-            base_params, base_config, target_depth=g.target_depth, strategy=g.strategy,
-            keep=None if g.keep < 0 else g.keep, zero_copies=g.zero_copies,
-            key=jax.random.key(config.seed + 1))
+            base_params, base_config, target_depth=g.target_depth, strategy=g.strategy, keep=keep,
+            zero_copies=g.zero_copies, key=jax.random.key(config.seed + 1))
         _write_json(workdir / "surgery.json", {"kind": "growth", "from_depth": base_config.depth,
-                                               "to_depth": new_config.depth, "strategy": g.strategy})
-        return train(config, workdir, params=new_params, model_config=new_config, stage="grow")
+                                               "to_depth": new_config.depth, "strategy": g.strategy,
+                                               "optimizer_state": g.optimizer_state})
+        return train(config, workdir, params=new_params, model_config=new_config, stage="grow",
+                     opt_state=_carried_optimizer_state(g, base_state, plan))
 
     p = config.prune
-    base_config, base_params = _load_or_train_base(config, workdir, p.base_checkpoint)
+    base_config, base_params, base_state = _load_or_train_base(config, workdir, p.base_checkpoint)
     keep_blocks = choose_blocks_to_keep(base_params, base_config, config, p)
     new_config, new_params = surgery.prune(base_params, base_config, keep_blocks)
     _write_json(workdir / "surgery.json", {"kind": "prune", "method": p.method, "from_depth": base_config.depth,
-                                           "kept_blocks": [int(i) for i in keep_blocks]})
-    return train(config, workdir, params=new_params, model_config=new_config, stage="prune")
+                                           "kept_blocks": [int(i) for i in keep_blocks],
+                                           "optimizer_state": p.optimizer_state})
+    return train(config, workdir, params=new_params, model_config=new_config, stage="prune",
+                 opt_state=_carried_optimizer_state(p, base_state,
+                                                    surgery.pruning_plan(base_config.depth, keep_blocks)))
 
 
 def choose_blocks_to_keep(params: dict, model_config: SanaConfig, config: ConfigDict,
                           prune_config: ConfigDict) -> list[int]:
     """Indices of the blocks to keep: the most important (block importance), random, or the first ones."""
-    from sana_jax import surgery
-
     n = prune_config.target_depth
     if n > model_config.depth:
         raise ValueError(f"prune.target_depth={n} exceeds the base model's depth {model_config.depth}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 from ml_collections import ConfigDict
 
-from sana_jax.optim import came
+from sana_jax.optim import DEFAULT_SCHEME, SANA_SCHEME, came
 
 OPTIMIZERS = ("came", "came_8bit", "adamw")
 SCHEDULES = ("constant", "cosine")
+EIGHT_BIT_SCHEMES = {"dynamic": DEFAULT_SCHEME, "sana": SANA_SCHEME}
 
 
 def learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax.Schedule:
@@ -23,7 +25,8 @@ def learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax.Schedu
 
 
 def make_optimizer(config: ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """config: the `optimizer` section (name, lr, schedule, warmup_steps, end_lr, weight_decay, b1, b2, clip_grad_norm).
+    """config: the `optimizer` section (name, lr, schedule, warmup_steps, end_lr, weight_decay, b1, b2, clip_grad_norm,
+    eight_bit_scheme).
 
     Non-finite gradients skip the whole update (`optax.apply_if_finite`), which counts them in its state.
     """
@@ -32,8 +35,26 @@ def make_optimizer(config: ConfigDict, total_steps: int) -> optax.GradientTransf
         inner = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     else:
         inner = came(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                     eight_bit=config.name == "came_8bit")
+                     eight_bit=config.name == "came_8bit", scheme=EIGHT_BIT_SCHEMES[config.eight_bit_scheme])
     clip = [optax.clip_by_global_norm(config.clip_grad_norm)] if config.clip_grad_norm > 0 else []
     # A huge error budget: the update is never applied with non-finite values; the trainer decides when
     # to stop from the count of consecutive skips.
     return optax.apply_if_finite(optax.chain(*clip, inner), max_consecutive_errors=2**30)
+
+
+def carry_optimizer_state(fresh: optax.ApplyIfFiniteState, carried: optax.ApplyIfFiniteState
+                          ) -> optax.ApplyIfFiniteState:
+    """The optimizer state a stage after surgery starts from: `carried` (the previous stage's final state,
+    restacked to the new depth by `surgery.restack`) with the new stage's own learning-rate schedule count and
+    non-finite counters taken from `fresh` (its `init`). Moments and any bias-correction count carry over.
+
+    Raises ValueError when the two states do not have the same structure and shapes (another optimizer).
+    """
+    shapes = lambda state: jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    if jax.tree.structure(fresh) != jax.tree.structure(carried) or shapes(fresh) != shapes(carried):
+        raise ValueError("the carried optimizer state does not fit this stage's optimizer (another optimizer, "
+                         "8-bit scheme or model); expected the same optimizer in both stages")
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+    inner = jax.tree.map(lambda new, old: new if is_schedule(new) else old, fresh.inner_state, carried.inner_state,
+                         is_leaf=is_schedule)
+    return fresh._replace(inner_state=inner)
