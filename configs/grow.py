@@ -1,8 +1,8 @@
 """SANA 1.5's model growth, end to end on the built-in shapes domain (the project's main job).
 
-Stage "base": the pretrain config's 4-block model (skipped when `growth.base_checkpoint` names a
-checkpoint, resumed when <workdir>/base has one). Stage "grow": partial preservation to 12 blocks (new
-blocks start as exact identities), then training with CAME-8bit.
+Stage "base": the pretrain config's 4-block model (resumed when <workdir>/base has a checkpoint). Stage
+"grow": partial preservation to 12 blocks (new blocks start as exact identities), then training with CAME-8bit
+from the base's CAME state.
 
 python -m sana_jax.train --config=configs/grow.py
 For a converted SANA 1.6B checkpoint grown to 60 blocks (keeping 18), see configs/sana1_5_4800m.py.
@@ -20,14 +20,15 @@ def get_config() -> ConfigDict:
     c.growth = growth_defaults()
     c.growth.target_depth = 12
     c.growth.strategy = "partial_preservation"
+    # The grown stage continues from the base's CAME state (restacked to 12 blocks, its first moments stored in
+    # 8 bits): a fresh state first undoes part of the base (docs/growth.md).
+    c.growth.optimizer_state = "carry"
     # A 12-block step costs 2.8x a 4-block one and the base gains fastest per second: most of the ten
     # minutes go to the base (docs/shapes_model.md has the split).
     c.steps = 100
     c.sample_every = 0
     c.eval_every = 50
     c.optimizer.name = "came_8bit"
-    # A fresh optimizer at a third of the base's rate still jolts the preserved blocks (held-out loss up 2 %
-    # after 100 steps); 3e-4 continues smoothly (docs/shapes_model.md, docs/growth.md).
     c.optimizer.lr = 3e-4
     c.optimizer.warmup_steps = 20
     return c

@@ -311,6 +311,9 @@ def test_carry_needs_the_same_optimizer_in_both_stages():
     config.optimizer.name = "came_8bit"
     with pytest.raises(ValueError, match="optimizer.eight_bit_scheme='dynamic' differs from the base's 'sana'"):
         validate(config, num_devices=jax.device_count())
+    config = _staged("growth", "carry")  # CAME, then CAME-8bit (the main job)
+    config.optimizer.name = "came_8bit"
+    validate(config, num_devices=jax.device_count())
 
 
 @pytest.mark.parametrize("name", ["came", "adamw"])
@@ -344,6 +347,36 @@ def test_carried_state_keeps_moments_and_restarts_the_schedule(name):
     other = make_optimizer(tiny_config(**{"optimizer.name": "came" if name == "adamw" else "adamw"}).optimizer, 10)
     with pytest.raises(ValueError, match="does not fit this stage's optimizer"):
         carry_optimizer_state(other.init(surgery.restack(params, plan)), grown)
+
+
+def test_came_state_carried_into_came_8bit_is_stored_in_8_bits():
+    from sana_jax import surgery
+    from sana_jax.optim import Quantized, dequantize_first_moment
+    from sana_jax.trainer.optimizers import EIGHT_BIT_SCHEMES, carry_optimizer_state, make_optimizer
+
+    rng = np.random.default_rng(1)
+    # 128 x 160 = 20480 elements per layer: above CAME-8bit's 16384, so its first moment is stored in 8 bits.
+    params = {"blocks": {"kernel": jnp.asarray(rng.normal(size=(2, 128, 160)), jnp.float32)}}
+    came_tx = make_optimizer(tiny_config().optimizer, 10)
+    state = came_tx.init(params)
+    for _ in range(2):
+        _, state = came_tx.update({"blocks": {"kernel": jnp.asarray(rng.normal(size=(2, 128, 160)), jnp.float32)}},
+                                  state, params)
+    plan = surgery.growth_plan(2, target_depth=3)
+    grown = surgery.restack(state, plan)
+    for scheme in ("dynamic", "sana"):
+        tx = make_optimizer(tiny_config(**{"optimizer.name": "came_8bit",
+                                           "optimizer.eight_bit_scheme": scheme}).optimizer, 10)
+        carried = carry_optimizer_state(tx.init(surgery.restack(params, plan)), grown, eight_bit_scheme=scheme)
+        mu = carried.inner_state[1][0].mu["blocks"]["kernel"]
+        assert isinstance(mu, Quantized) and mu.codes.dtype == np.uint8
+        decoded = np.asarray(dequantize_first_moment(mu, EIGHT_BIT_SCHEMES[scheme]))
+        expected = np.asarray(grown.inner_state[1][0].mu["blocks"]["kernel"])
+        assert np.abs(expected[:2]).max() > 0 and np.all(expected[2] == 0)
+        # Within the codes' resolution: 1/255 of a block's range (min-max), a few % of the row absmax (dynamic).
+        np.testing.assert_allclose(decoded.reshape(expected.shape), expected, atol=0.05 * np.abs(expected).max())
+        np.testing.assert_array_equal(np.asarray(carried.inner_state[1][0].nu["blocks"]["kernel"].v_row),
+                                      np.asarray(grown.inner_state[1][0].nu["blocks"]["kernel"].v_row))
 
 
 def _saved_state(checkpoints: Path, step: int) -> dict:

@@ -74,6 +74,18 @@ def _block_view(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1,) * (2 - len(squeezed)) + squeezed
 
 
+def quantize_first_moment(m: jax.Array, scheme: quantize.Scheme = DEFAULT_SCHEME) -> quantize.Quantized:
+    """A leaf's first moment `m` (the parameter's shape) in 8 bits, as CAME-8bit stores it."""
+    q = quantize.quantize_blockwise(m.astype(jnp.float32).reshape(_block_view(m.shape)), scheme)
+    return q._replace(codes=q.codes.reshape(m.shape))
+
+
+def dequantize_first_moment(q: quantize.Quantized, scheme: quantize.Scheme = DEFAULT_SCHEME) -> jax.Array:
+    """The float32 first moment that `quantize_first_moment` stored."""
+    shape = q.codes.shape
+    return quantize.dequantize_blockwise(q._replace(codes=q.codes.reshape(_block_view(shape))), scheme).reshape(shape)
+
+
 def scale_by_came(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -120,18 +132,10 @@ def scale_by_came(
         quantized = eight_bit and factored.axes is not None and factored.layer_size(shape) > min_8bit_size
         return factored, quantized
 
-    def quantize_m(m: jax.Array, shape: tuple[int, ...]) -> quantize.Quantized:
-        q = quantize.quantize_blockwise(m.reshape(_block_view(shape)), scheme)
-        return q._replace(codes=q.codes.reshape(shape))
-
-    def dequantize_m(q: quantize.Quantized, shape: tuple[int, ...]) -> jax.Array:
-        m = quantize.dequantize_blockwise(q._replace(codes=q.codes.reshape(_block_view(shape))), scheme)
-        return m.reshape(shape)
-
     def init_leaf(path, p):
         factored, quantized = layout(path, p)
         zeros = jnp.zeros_like(p, dtype=jnp.float32)
-        mu = quantize_m(zeros, p.shape) if quantized else zeros
+        mu = quantize_first_moment(zeros, scheme) if quantized else zeros
         if factored.axes is None:
             return mu, jnp.zeros_like(p, dtype=jnp.float32)
         # Reductions of the zeros (not fresh zeros) so that an eager init on sharded params shards the
@@ -152,8 +156,8 @@ def scale_by_came(
             u = g * _rsqrt_outer(v_row, v_col, factored.axes)
         rms = jnp.sqrt(jnp.mean(u * u, axis=per_layer, keepdims=True))
         u = u / jnp.maximum(1.0, rms / clip_threshold)
-        m = b1 * (dequantize_m(mu, g.shape) if quantized else mu) + (1 - b1) * u
-        new_mu = quantize_m(m, g.shape) if quantized else m
+        m = b1 * (dequantize_first_moment(mu, scheme) if quantized else mu) + (1 - b1) * u
+        new_mu = quantize_first_moment(m, scheme) if quantized else m
         if factored.axes is None:
             return m, new_mu, v
         res = (u - m) ** 2 + eps2

@@ -160,7 +160,8 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
 
 
 def _check_carry(config: ConfigDict, stage: str) -> None:
-    """A carried optimizer state needs the base's final state (a base trained in this run) and the same optimizer."""
+    """A carried optimizer state needs the base's final state (a base trained in this run) and the same optimizer
+    (or CAME, then CAME-8bit)."""
     if config[stage].base_checkpoint:
         raise ValueError(f"config.{stage}.optimizer_state='carry' needs the base trained in this run, but "
                          f"{stage}.base_checkpoint={config[stage].base_checkpoint!r} holds weights only; "
@@ -168,8 +169,13 @@ def _check_carry(config: ConfigDict, stage: str) -> None:
     base = config.base if "base" in config and config.base is not None else None
     if base is None:
         return  # _base_section reports the missing base
-    for field in ("name", "eight_bit_scheme"):
+    names = base.optimizer.name, config.optimizer.name
+    fields = ("name", "eight_bit_scheme") if names == ("came_8bit", "came_8bit") else ("name",)
+    if names == ("came", "came_8bit"):  # CAME's state is stored in 8 bits on the way
+        fields = ()
+    for field in fields:
         if base.optimizer[field] != config.optimizer[field]:
             raise ValueError(f"config.{stage}.optimizer_state='carry': optimizer.{field}="
                              f"{config.optimizer[field]!r} differs from the base's {base.optimizer[field]!r}; "
-                             "expected the same optimizer in both stages, or optimizer_state='fresh'")
+                             "expected the same optimizer in both stages (or CAME then CAME-8bit), or "
+                             "optimizer_state='fresh'")

@@ -286,8 +286,9 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
                 model_config, jax.random.key(config.seed))
         state = build_state(jax.device_put(params, params_sharding))
         if opt_state is not None:
-            state["opt_state"] = jax.device_put(carry_optimizer_state(state["opt_state"], opt_state),
-                                                state_sharding["opt_state"])
+            carried = carry_optimizer_state(state["opt_state"], opt_state,
+                                            eight_bit_scheme=config.optimizer.eight_bit_scheme)
+            state["opt_state"] = jax.device_put(carried, state_sharding["opt_state"])
     finish = start < config.steps or not model_is_final  # train, evaluate, sample and write model/
 
     step_fn = jax.jit(

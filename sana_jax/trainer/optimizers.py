@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from sana_jax.optim import DEFAULT_SCHEME, SANA_SCHEME, came
+from sana_jax.optim import DEFAULT_SCHEME, SANA_SCHEME, Quantized, came, quantize_first_moment
 
 OPTIMIZERS = ("came", "came_8bit", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -42,19 +43,36 @@ def make_optimizer(config: ConfigDict, total_steps: int) -> optax.GradientTransf
     return optax.apply_if_finite(optax.chain(*clip, inner), max_consecutive_errors=2**30)
 
 
-def carry_optimizer_state(fresh: optax.ApplyIfFiniteState, carried: optax.ApplyIfFiniteState
-                          ) -> optax.ApplyIfFiniteState:
+def carry_optimizer_state(fresh: optax.ApplyIfFiniteState, carried: optax.ApplyIfFiniteState, *,
+                          eight_bit_scheme: str = "dynamic") -> optax.ApplyIfFiniteState:
     """The optimizer state a stage after surgery starts from: `carried` (the previous stage's final state,
     restacked to the new depth by `surgery.restack`) with the new stage's own learning-rate schedule count and
-    non-finite counters taken from `fresh` (its `init`). Moments and any bias-correction count carry over.
+    non-finite counters taken from `fresh` (its `init`). Moments and any bias-correction count carry over; a
+    CAME state carried into CAME-8bit has its first moments stored in 8 bits with `eight_bit_scheme`.
 
     Raises ValueError when the two states do not have the same structure and shapes (another optimizer).
     """
-    shapes = lambda state: jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    if jax.tree.structure(fresh) != jax.tree.structure(carried) or shapes(fresh) != shapes(carried):
+    is_node = lambda node: isinstance(node, optax.ScaleByScheduleState | Quantized)
+
+    def fits(new, old) -> bool:
+        if isinstance(new, Quantized) and not isinstance(old, Quantized):
+            return jnp.shape(new.codes) == jnp.shape(old)
+        return jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, old)
+
+    try:
+        ok = all(jax.tree.leaves(jax.tree.map(fits, fresh, carried, is_leaf=is_node)))
+    except ValueError:  # another tree structure
+        ok = False
+    if not ok:
         raise ValueError("the carried optimizer state does not fit this stage's optimizer (another optimizer, "
-                         "8-bit scheme or model); expected the same optimizer in both stages")
-    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
-    inner = jax.tree.map(lambda new, old: new if is_schedule(new) else old, fresh.inner_state, carried.inner_state,
-                         is_leaf=is_schedule)
-    return fresh._replace(inner_state=inner)
+                         "8-bit scheme or model); expected the same optimizer in both stages, or CAME then CAME-8bit")
+    scheme = EIGHT_BIT_SCHEMES[eight_bit_scheme]
+
+    def merge(new, old):
+        if isinstance(new, optax.ScaleByScheduleState):
+            return new
+        if isinstance(new, Quantized) and not isinstance(old, Quantized):
+            return quantize_first_moment(old, scheme)
+        return old
+
+    return fresh._replace(inner_state=jax.tree.map(merge, fresh.inner_state, carried.inner_state, is_leaf=is_node))

@@ -158,27 +158,39 @@ def run_cut(folder: Path, blocks: tuple[int, ...], params: dict, model_config, d
 
 
 def plot(results: dict, path: Path) -> None:
+    """Per cut size, every distinct cut (labelled by its blocks and the methods that chose it) before and after
+    fine-tuning; then the two importance profiles."""
     sizes = results["cuts"]
-    fig = Figure(figsize=(5.2 * (len(sizes) + 1), 4.2), layout="constrained")
+    fig = Figure(figsize=(5.2 * (len(sizes) + 1), 4.4), layout="constrained")
     axes = fig.subplots(1, len(sizes) + 1)
-    unpruned = results["unpruned"]["accuracy"]["overall"]
-    for ax, (name, size) in zip(axes, sizes.items(), strict=False):
-        arms = list(size["arms"])
-        x = np.arange(len(arms))
-        before = [size["arms"][a]["before"]["accuracy"]["overall"] for a in arms]
-        after = [size["arms"][a]["after"]["accuracy"]["overall"] for a in arms]
-        ax.bar(x - 0.2, before, 0.4, label="right after the cut", color="tab:gray")
-        ax.bar(x + 0.2, after, 0.4, label=f"after {results['settings']['finetune_steps']} steps", color="tab:blue")
-        ax.axhline(unpruned, color="black", linestyle="--", linewidth=1, label="unpruned")
-        ax.set_xticks(x, [f"{a}\n{size['arms'][a]['kept']}" for a in arms], fontsize=7)
+    short = {"importance": "importance", "importance_on_samples": "on samples", "first": "first"}
+    for ax, size in zip(axes, sizes.values(), strict=False):
+        distinct = {}
+        for arm, r in size["arms"].items():
+            entry = distinct.setdefault(tuple(r["kept"]), {"result": r, "chosen_by": []})
+            if arm in short:
+                entry["chosen_by"].append(short[arm])
+        order = sorted(distinct, key=lambda k: distinct[k]["result"]["after"]["accuracy"]["overall"])
+        x = np.arange(len(order))
+        for offset, when, color, label in ((-0.2, "before", "tab:gray", "right after the cut"),
+                                           (0.2, "after", "tab:blue",
+                                            f"after {results['settings']['finetune_steps']} steps")):
+            ax.bar(x + offset, [distinct[k]["result"][when]["accuracy"]["overall"] for k in order], 0.4,
+                   color=color, label=label)
+        ax.axhline(results["unpruned"]["accuracy"]["overall"], color="black", linestyle="--", linewidth=1,
+                   label="unpruned")
+        ax.set_xticks(x, ["blocks " + ",".join(map(str, k)) + "\n" + "\n".join(distinct[k]["chosen_by"])
+                          for k in order], fontsize=7)
         ax.set_ylabel("GenEval-lite overall")
         ax.set_ylim(0, 1)
-        ax.set_title(f"{name}: {results['depth']} -> {size['keep']} blocks")
-        ax.legend(fontsize=7)
+        every = len(order) == math.comb(results["depth"], size["keep"])
+        ax.set_title(f"{results['depth']} -> {size['keep']} blocks: {'every cut' if every else 'the cuts'} scored")
+        ax.legend(fontsize=7, loc="upper left")
     ax = axes[-1]
     blocks = np.arange(results["depth"])
     ax.bar(blocks - 0.2, results["importance"]["on_latents"], 0.4, label="on noised training latents")
     ax.bar(blocks + 0.2, results["importance"]["on_samples"], 0.4, label="on the sampling path")
+    ax.set_xticks(blocks)
     ax.set_xlabel("block")
     ax.set_ylabel("block importance (1 - cosine)")
     ax.set_title(f"importance (Spearman {results['importance']['rank_correlation']:.2f})")
