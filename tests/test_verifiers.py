@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from sana_jax.data import shapes
-from sana_jax.scaling import learned_verifier, verifiers
+from sana_jax.scaling import learned_verifier, search, verifiers
 from sana_jax.text_encoder import WordTextEncoder
 
 PROMPTS = ["a red circle", "two green triangles left of a blue square", "a cat", "a dog on a mat", "yes"]
@@ -244,3 +244,12 @@ def test_learned_verifier_overfits_and_round_trips(tmp_path):
     np.testing.assert_array_equal(scores > 0, labels > 0.5)
     trained = learned_verifier.LearnedVerifier(config, params, encoder, batch_size=16)
     np.testing.assert_allclose(scores, trained.score(batch[0], batch[1]), rtol=1e-6)
+
+    # As a yes/no judge: P(yes) is the sigmoid of the score, and SANA's knockout over the candidates of a prompt
+    # keeps the best-scored one (a tournament under a judge that prefers the higher score keeps the maximum).
+    yes, no = loaded.yes_no_logits(batch[0], batch[1])
+    np.testing.assert_allclose(np.exp(yes) / (np.exp(yes) + np.exp(no)), 1 / (1 + np.exp(-scores)), rtol=1e-5)
+    table = scores.reshape(2, 8)  # two "prompts" of 8 candidates: the originals, then the shuffled pairs
+    assert all(len(np.unique(row)) == 8 for row in table)  # no ties: each row's maximum is unique
+    winners = search.knockout(yes.reshape(2, 8), no.reshape(2, 8), k=1)[:, 0]
+    np.testing.assert_array_equal(winners, np.argmax(table, axis=1))

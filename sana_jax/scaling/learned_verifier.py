@@ -158,7 +158,12 @@ def load(path: str) -> tuple[VerifierConfig, Any]:
 
 
 class LearnedVerifier:
-    """A trained `AgreementNet` as a verifier; `score` is the agreement logit."""
+    """A trained `AgreementNet` as a verifier; `score` is the agreement logit.
+
+    `yes_no_logits` exposes it as a yes/no judge with `VLMJudge`'s interface, so SANA's knockout tournament
+    (`search.knockout`) runs on it: the two-class logits (s / 2, -s / 2), whose softmax is (sigmoid(s),
+    1 - sigmoid(s)). Under `search.judge_winner` a candidate then beats another exactly when its score is higher.
+    """
 
     def __init__(self, config: VerifierConfig, params: Any, text_encoder: TextEncoder, batch_size: int = 64):
         self.config = config
@@ -174,3 +179,8 @@ class LearnedVerifier:
             text, mask = self._text_encoder.encode_text(list(prompts[part]))
             scores.append(np.asarray(_logits(self.config, self._params, images[part], text, mask)))
         return np.concatenate(scores).astype(np.float32)
+
+    def yes_no_logits(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(yes, no) logits per image, (N,) float32 each: (score / 2, -score / 2)."""
+        half = 0.5 * self.score(images, prompts)
+        return half, -half
