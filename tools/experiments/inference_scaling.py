@@ -15,8 +15,9 @@ are warped, speckled, faded, blurred and noised like generated samples, each pai
 and with a perturbed or unrelated one; a pair's label is the checker's verdict on that training render
 (`sana_jax.scaling.verifier_data`).
 
-  python tools/experiments/inference_scaling.py --model="4 blocks=workdir/growth_experiment/base/model" \
-      --model="8 blocks (grown)=workdir/growth_experiment/grown/model" --verifier=workdir/inference_scaling/verifier
+  python tools/experiments/inference_scaling.py --model="4 blocks (base)=workdir/grow/base/model" \
+      --model="12 blocks (grown)=workdir/grow/model" --verifier=workdir/inference_scaling/verifier \
+      --guidance_scale=1.5 --shift=6
 
 Writes --out_json (settings, curves, per-task curves, throughput, score tables) and --out_png, and prints
 markdown tables.
