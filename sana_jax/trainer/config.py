@@ -170,10 +170,9 @@ def _check_carry(config: ConfigDict, stage: str) -> None:
     if base is None:
         return  # _base_section reports the missing base
     names = base.optimizer.name, config.optimizer.name
-    fields = ("name", "eight_bit_scheme") if names == ("came_8bit", "came_8bit") else ("name",)
     if names == ("came", "came_8bit"):  # CAME's state is stored in 8 bits on the way
-        fields = ()
-    for field in fields:
+        return
+    for field in ("name", "eight_bit_scheme") if names == ("came_8bit", "came_8bit") else ("name",):
         if base.optimizer[field] != config.optimizer[field]:
             raise ValueError(f"config.{stage}.optimizer_state='carry': optimizer.{field}="
                              f"{config.optimizer[field]!r} differs from the base's {base.optimizer[field]!r}; "
