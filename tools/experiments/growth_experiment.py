@@ -1,232 +1,304 @@
-"""SANA 1.5's two training-time claims, in miniature on the shapes domain, measured and plotted.
+"""SANA 1.5's model growth in miniature, in accuracy: a trained shallow model grown deeper against the deep model
+trained from scratch with the same training compute, over several seeds.
 
-1. Growth: a trained 4-block model (configs/pretrain.py) grown to 8 blocks by partial preservation and
-   trained on reaches a given held-out loss with less total compute than the 8-block model trained from
-   scratch with the same total budget (compute counted in block-steps: steps x depth).
-2. Pruning: an 8-block model cut back by block importance and fine-tuned for 100 steps keeps more of its
-   quality than the same cut made at random (three seeds) or from the end. The model pruned is the one
-   trained from scratch (`--prune_from`), whose blocks are all trained: after 750 steps the grown model's
-   added blocks are still close to the identities they started as, so any cut that keeps the preserved
-   blocks is as good as another.
-
-Every arm is a run of the trainer (`sana_jax.trainer.run`) in its own folder under --workdir, so re-running
-resumes or skips finished arms. Writes docs/growth.png, docs/growth.json and prints markdown tables.
+Per seed (--seeds), every arm a trainer run in --workdir/seed<k>/<arm>, so a rerun resumes or skips finished arms:
+  base                  the --config's base stage (configs/grow.py: configs/pretrain.py's 4-block model);
+  <strategy>            that base grown to the target depth with each of --strategies (`surgery.grow`:
+                        partial_preservation, cyclic, block_expand) and trained on by --config's grown stage
+                        (its optimizer state carried over or fresh, as the config says);
+  scratch               the target-depth model trained from scratch with the base's recipe for as many
+                        block-steps (steps x depth, the compute unit) as base + grown stage together.
+Every run samples the trainer's evaluation grid (--grid_prompts, one sample each) and computes the held-out loss
+--curve_points times, which gives accuracy and loss over compute; every final model is scored with GenEval-lite
+(`sana_jax.evaluation`, per task). Across seeds: means with t-intervals at 95 %.
 
   python tools/experiments/growth_experiment.py --workdir=workdir/growth_experiment
+
+Writes --out_json and --out_png and prints markdown tables.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
+import scipy.stats
+from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import ConfigDict, config_flags
 
-from sana_jax import checkpoint
-from sana_jax.data.pipeline import DataConfig, make_train_iterator
-from sana_jax.surgery import block_importance_per_timestep
-from sana_jax.trainer import run
-from sana_jax.trainer.config import growth_defaults, prune_defaults
-from sana_jax.trainer.loop import sample_and_score
+from sana_jax import checkpoint, evaluation
+from sana_jax.cli import fail
+from sana_jax.sample import recorded_settings
+from sana_jax.surgery import STRATEGIES
+from sana_jax.trainer import run, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "the base model's training config",
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/grow.py", "a growth config with a `base` section: the "
+                                          "grown arms' recipe (the scratch arm trains with the base's)",
                                           lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/growth_experiment", "one folder per arm")
-_OUT = flags.DEFINE_string("out", "docs", "where growth.png and growth.json go")
-_GROWN_DEPTH = flags.DEFINE_integer("grown_depth", 8, "depth of the grown and the scratch model")
-_GROWN_STEPS = flags.DEFINE_integer("grown_steps", 750, "steps after growth")
-_GROWN_LRS = flags.DEFINE_list("grown_lrs", ["1e-3", "3e-4"], "peak learning rates after growth, one arm each "
-                               "(the first one's model is the one pruned)")
-_PRUNED_DEPTH = flags.DEFINE_integer("pruned_depth", 4, "depth after pruning")
-_PRUNE_FROM = flags.DEFINE_enum("prune_from", "scratch", ["scratch", "grown"], "the model to prune")
-_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 100, "fine-tuning steps after pruning")
-_EVAL_PROMPTS = flags.DEFINE_integer("eval_prompts", 64, "prompts for the final checker accuracy")
-_GUIDANCE = flags.DEFINE_float("guidance", 1.0, "guidance scale of the final samples")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/growth_experiment", "one folder per seed and arm")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "training seeds (data order, initialisation, noise)")
+_STRATEGIES = flags.DEFINE_list("strategies", list(STRATEGIES), "growth strategies, one arm each")
+_CURVE_POINTS = flags.DEFINE_integer("curve_points", 4, "grid samplings and held-out losses per base and scratch "
+                                     "run (besides step 0); the grown stage gets half as many")
+_GRID_PROMPTS = flags.DEFINE_integer("grid_prompts", 120, "prompts of the trainer's evaluation grid")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 300, "GenEval-lite prompts of the final scores")
+_SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "samples per final GenEval-lite prompt")
+_QUICK = flags.DEFINE_bool("quick", False, "a few minutes' smoke run: one seed, a 2-block base grown to 4 blocks, "
+                           "a few steps, 12 prompts")
+_OUT_JSON = flags.DEFINE_string("out_json", "docs/growth.json", "where the numbers go")
+_OUT_PNG = flags.DEFINE_string("out_png", "docs/growth.png", "where the figure goes")
 
-PRUNE_ARMS = (("importance", 0), ("last", 0), ("random", 0), ("random", 1), ("random", 2))  # (method, seed)
+EVAL_SEED = 1234  # the trainer's sampling.eval_seed
+ARM_COLORS = {"base": "tab:blue", "scratch": "tab:gray", "partial_preservation": "tab:orange", "cyclic": "tab:green",
+              "block_expand": "tab:purple"}
 
 
-def arm_configs(pretrain: ConfigDict, grown_depth: int, grown_steps: int, grown_lrs: list[float], pruned_depth: int,
-                finetune_steps: int, prune_from: str, workdir: Path) -> dict[str, ConfigDict]:
-    """The runs: base, grown (from base; one per learning rate), scratch (the same total block-steps) and one
-    prune of `prune_from` per method and seed. Arms are named "base", "grown", "grown_lr<lr>", "scratch" and
-    "prune_<method><seed>"."""
-    base = copy.deepcopy(pretrain)
-    base.sample_every = 0
-    base.sampling.num_prompts = 0
-    base.eval_every = 125
+def settings() -> dict:
+    """The run's settings: the flags, with --quick's reductions applied."""
+    s = {"seeds": _SEEDS.value, "strategies": list(_STRATEGIES.value), "curve_points": _CURVE_POINTS.value,
+         "grid_prompts": _GRID_PROMPTS.value, "num_prompts": _NUM_PROMPTS.value, "samples_per_prompt": _SAMPLES.value}
+    bad = [name for name in s["strategies"] if name not in STRATEGIES]
+    if bad:
+        fail(f"--strategies={','.join(s['strategies'])}: {bad[0]!r} is not one of {', '.join(STRATEGIES)}")
+    if _QUICK.value:
+        s.update(seeds=1, curve_points=2, grid_prompts=6, num_prompts=12, samples_per_prompt=1)
+    if s["seeds"] < 1 or s["curve_points"] < 1:
+        fail(f"--seeds={s['seeds']} and --curve_points={s['curve_points']}: expected at least 1 each")
+    return s
 
+
+def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, ConfigDict]:
+    """The runs of one seed: {"base", <strategy>..., "scratch"}."""
+    if grow.get("growth") is None or grow.get("base") is None:
+        fail("--config: expected a growth config with `growth` and `base` sections, like configs/grow.py")
+    base = copy.deepcopy(grow.base)
+    if quick:
+        base.model.overrides = {**base.model.overrides, "depth": 2}
+        base.update({"steps": 4, "batch_size": 8, "eval_batches": 1})
+    base.seed = seed
+    base.sampling.num_prompts = s["grid_prompts"]
+    base.sample_every = base.eval_every = max(1, base.steps // s["curve_points"])
+
+    target = 4 if quick else grow.growth.target_depth
     configs = {"base": base}
-    for index, lr in enumerate(grown_lrs):
-        grown = copy.deepcopy(pretrain)
-        grown.update({"steps": grown_steps, "sample_every": 0, "eval_every": 125})
-        grown.sampling.num_prompts = 0
-        grown.optimizer.update({"lr": lr, "warmup_steps": 40})
-        grown.growth = growth_defaults()
-        grown.growth.update({"target_depth": grown_depth, "strategy": "partial_preservation",
-                             "base_checkpoint": str(workdir / "base" / "model")})
-        configs["grown" if index == 0 else f"grown_lr{lr:g}"] = grown
+    for strategy in s["strategies"]:
+        c = copy.deepcopy(grow)
+        c.base = copy.deepcopy(base)
+        c.growth.update({"strategy": strategy, "target_depth": target, "base_checkpoint": ""})
+        if quick:
+            c.update({"steps": 2, "batch_size": 8, "eval_batches": 1})
+            c.optimizer.warmup_steps = 1
+        c.seed = seed
+        c.sampling.num_prompts = s["grid_prompts"]
+        c.sample_every = c.eval_every = max(1, c.steps // max(1, s["curve_points"] // 2))
+        configs[strategy] = c
 
-    base_depth = base.model.overrides["depth"]
-    scratch = copy.deepcopy(pretrain)
-    scratch.update({"sample_every": 0, "eval_every": 125,
-                    "steps": base.steps * base_depth // grown_depth + grown_steps})
-    scratch.sampling.num_prompts = 0
-    scratch.model.overrides = {**scratch.model.overrides, "depth": grown_depth}
-
+    scratch = copy.deepcopy(base)
+    grown_steps = configs[s["strategies"][0]].steps if s["strategies"] else grow.steps
+    scratch.steps = math.ceil((base.steps * base.model.overrides["depth"] + grown_steps * target) / target)
+    scratch.model.overrides = {**base.model.overrides, "depth": target}
+    scratch.sample_every = scratch.eval_every = max(1, scratch.steps // s["curve_points"])
     configs["scratch"] = scratch
-    for method, seed in PRUNE_ARMS:
-        c = copy.deepcopy(pretrain)
-        c.update({"steps": finetune_steps, "sample_every": 0, "eval_every": 25, "log_every": 25, "seed": seed})
-        c.sampling.num_prompts = 0
-        c.optimizer.update({"lr": 3e-4, "warmup_steps": 10})
-        c.prune = prune_defaults()
-        c.prune.update({"target_depth": pruned_depth, "method": method,
-                        "base_checkpoint": str(workdir / prune_from / "model")})
-        configs[f"prune_{method}{seed}"] = c
     return configs
 
 
-def read_metric(workdir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one metric in a run's metrics.jsonl."""
+def read_curves(workdir: Path) -> dict[str, list]:
+    """A run's held-out loss and grid accuracy from its metrics.jsonl: {name: [(step, value), ...]}."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if name in r]
-    return np.array([r["step"] for r in rows]), np.array([r[name] for r in rows])
+    return {name: [(r["step"], r[name]) for r in rows if name in r] for name in ("eval_loss", "sample_accuracy")}
 
 
-def final_accuracy(model_dir: Path, config: ConfigDict, num_prompts: int, guidance: float) -> float:
-    """Checker accuracy of one sample per evaluation prompt (and a grid PNG next to the model)."""
-    model_config, params = checkpoint.load(model_dir)
-    sampling = ConfigDict({**config.sampling.to_dict(), "num_prompts": num_prompts, "guidance_scale": guidance})
-    scores = sample_and_score(params, model_config, DataConfig.from_mapping(config.data), sampling,
-                              model_dir.parent / "final_samples.png", title=str(model_dir.parent.name))
-    return scores["sample_accuracy"]
+def final_scores(folder: Path, s: dict) -> dict:
+    """GenEval-lite of a run's final model with its recorded sampler (saved in `folder`, reused when present)."""
+    done = folder / "scores.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    model_config, params = checkpoint.load(folder / "model")
+    data, sampler = recorded_settings(str(folder / "model"))
+    result = evaluation.evaluate(params, model_config, data, num_prompts=s["num_prompts"], seed=EVAL_SEED,
+                                 samples_per_prompt=s["samples_per_prompt"], **sampler)
+    scores = {"accuracy": result.accuracy(), "counts": result.counts()}
+    done.write_text(json.dumps(scores) + "\n")
+    return scores
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean over seeds and its 95 % t-interval (the mean itself for one seed)."""
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return {"mean": mean, "low": mean, "high": mean, "values": values.tolist()}
+    half = float(scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "values": values.tolist()}
+
+
+def first_reach(compute: np.ndarray, values: np.ndarray, level: float) -> float | None:
+    """The compute at which a rising curve first reaches `level` (linear between points), or None."""
+    for i, value in enumerate(values):
+        if value >= level:
+            if i == 0:
+                return float(compute[0])
+            c0, c1, v0 = compute[i - 1], compute[i], values[i - 1]
+            return float(c0 + (c1 - c0) * (level - v0) / (value - v0))
+    return None
+
+
+def paired_differences(results: dict) -> dict[str, dict]:
+    """Seed-paired differences of final overall accuracy and held-out loss, with t-intervals: every grown arm
+    against scratch and against the base, and the other strategies against partial preservation."""
+    strategies = results["settings"]["strategies"]
+    pairs = [(arm, other) for arm in strategies for other in ("scratch", "base")]
+    if "partial_preservation" in strategies:
+        pairs += [("partial_preservation", arm) for arm in strategies if arm != "partial_preservation"]
+    final = results["final"]
+    return {f"{a} - {b}": {metric: mean_interval(np.subtract(final[a][metric]["values"], final[b][metric]["values"]))
+                           for metric in ("overall", "final_eval_loss")} for a, b in pairs}
+
+
+def arm_path(results: dict, arm: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """An arm's seed-mean curve of `metric` over compute; a grown arm's path is its base's, then its own from the
+    model right after the surgery (at the base's final compute)."""
+    curve = results["curves"][arm]
+    compute, values = np.asarray(curve["compute"]), np.asarray(curve[metric])
+    if arm in results["settings"]["strategies"]:
+        base = results["curves"]["base"]
+        return np.concatenate([base["compute"], compute]), np.concatenate([base[metric], values])
+    return compute, values
+
+
+def compute_savings(results: dict) -> list[dict]:
+    """For each grown arm: where its path and scratch's first reach the other's final grid accuracy."""
+    rows = []
+    scratch_compute, scratch_accuracy = arm_path(results, "scratch", "sample_accuracy")
+    for arm in results["settings"]["strategies"]:
+        compute, accuracy = arm_path(results, arm, "sample_accuracy")
+        rows.append({"arm": arm, "final": float(accuracy[-1]), "scratch_final": float(scratch_accuracy[-1]),
+                     "arm_reaches_scratch_final_at": first_reach(compute, accuracy, scratch_accuracy[-1]),
+                     "scratch_reaches_arm_final_at": first_reach(scratch_compute, scratch_accuracy, accuracy[-1]),
+                     "budget": float(compute[-1])})
+    return rows
 
 
 def plot(results: dict, path: Path) -> None:
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    ax_growth, ax_importance, ax_prune = fig.subplots(1, 3, width_ratios=(1.3, 1, 1))
+    """Held-out loss and grid accuracy over compute (seed means), the final GenEval-lite per task (seed means)
+    and the seed-paired differences of overall accuracy."""
+    fig = Figure(figsize=(20, 4.6), layout="constrained")
+    ax_loss, ax_accuracy, ax_tasks, ax_paired = fig.subplots(1, 4, width_ratios=(1, 1, 1.3, 0.9))
+    depths, seeds = results["depths"], results["settings"]["seeds"]
+    over_seeds = f"mean of {seeds} seed{'s' * (seeds > 1)}"
+    for arm in results["final"]:
+        label = {"base": f"{depths['base']}-block base", "scratch": f"{depths['target']} blocks from scratch"}.get(
+            arm, f"grown to {depths['target']}: {arm}")
+        for ax, metric in ((ax_loss, "eval_loss"), (ax_accuracy, "sample_accuracy")):
+            compute, values = arm_path(results, arm, metric)
+            ax.plot(compute, values, "o-", ms=3, color=ARM_COLORS[arm], label=label)
+    losses = [v for arm in results["final"] for c, v in zip(*arm_path(results, arm, "eval_loss"), strict=True) if c]
+    ax_loss.set(xlabel="training compute (block-steps)", ylabel="held-out loss",
+                ylim=(min(losses) * 0.97, max(losses) * 1.03), title=f"held-out loss ({over_seeds})")
+    ax_accuracy.set(xlabel="training compute (block-steps)", ylabel="GenEval-lite on the training grid",
+                    title=f"accuracy over compute ({results['settings']['grid_prompts']} prompts, {over_seeds})")
+    ax_accuracy.legend(fontsize=7)
 
-    colors = iter(("tab:orange", "tab:red", "tab:purple", "tab:brown"))
-    for name, curve in results["curves"].items():
-        if name == "scratch":
-            label, color = f"{results['grown_depth']} blocks from scratch (lr {curve['lr']:g})", "tab:gray"
-        elif name == "base":
-            label, color = f"{results['base_depth']}-block base (lr {curve['lr']:g})", "tab:blue"
-        else:
-            label, color = f"grown to {results['grown_depth']} blocks, lr {curve['lr']:g}", next(colors)
-        ax_growth.plot(curve["compute"], curve["eval_loss"], "o-", ms=3, color=color, label=label)
-    ax_growth.set(xlabel=f"training compute ({results['grown_depth']}-block steps)", ylabel="held-out loss",
-                  title="growth vs training from scratch")
-    losses = [loss for c in results["curves"].values() for loss in c["eval_loss"][1:]]
-    ax_growth.set_ylim(min(losses) * 0.95, np.percentile(losses, 90))
-    ax_growth.legend(fontsize=8)
+    arms = list(results["final"])
+    tasks = ["overall", *results["tasks"]]
+    width = 0.8 / len(arms)
+    x = np.arange(len(tasks))
+    for i, arm in enumerate(arms):
+        ax_tasks.bar(x + (i - (len(arms) - 1) / 2) * width, [results["final"][arm][t]["mean"] for t in tasks], width,
+                     color=ARM_COLORS[arm], label=arm)
+    ax_tasks.set_xticks(x, [t.replace("_", "\n") for t in tasks], fontsize=8)
+    ax_tasks.set(ylabel="GenEval-lite accuracy", ylim=(0, 1),
+                 title=f"final models ({results['settings']['num_prompts']} prompts x "
+                       f"{results['settings']['samples_per_prompt']}, {over_seeds})")
+    ax_tasks.legend(fontsize=7, ncols=3)
 
-    blocks = np.arange(results["grown_depth"])
-    for offset, (name, color) in zip((-0.2, 0.2), (("grown", "tab:orange"), ("scratch", "tab:gray")), strict=True):
-        ax_importance.bar(blocks + offset, np.mean(results["importance_per_timestep"][name], axis=0), 0.4,
-                          color=color, label=f"{name} (blocks {results['base_depth']}+ added)" if name == "grown"
-                          else "from scratch")
-    ax_importance.set_yscale("log")
-    ax_importance.set(xlabel="block", ylabel="block importance (1 - cos)", title="block importance, 8-block models")
-    ax_importance.legend(fontsize=8)
-
-    names = list(results["prune"])
-    x = np.arange(len(names))
-    before = [results["prune"][n]["loss_before"] for n in names]
-    after = [results["prune"][n]["loss_after"] for n in names]
-    ax_prune.bar(x - 0.2, before, 0.4, label="after pruning", color="tab:red")
-    ax_prune.bar(x + 0.2, after, 0.4, label=f"after {results['finetune_steps']} fine-tuning steps", color="tab:green")
-    ax_prune.axhline(results["unpruned_loss"], color="black", ls="--", lw=1, label="unpruned")
-    ax_prune.set_xticks(x, [f"{n}\n{results['prune'][n]['kept']}" for n in names], fontsize=7)
-    ax_prune.set_yscale("log")
-    ax_prune.set(ylabel="held-out loss", title=f"pruning the {results['prune_from']} model: "
-                 f"{results['grown_depth']} -> {results['pruned_depth']} blocks")
-    ax_prune.legend(fontsize=8)
+    pairs = list(results["paired"])
+    diffs = [results["paired"][pair]["overall"] for pair in pairs]
+    y = np.arange(len(pairs))[::-1]
+    ax_paired.errorbar([d["mean"] for d in diffs], y, fmt="o", capsize=3, color="black",
+                       xerr=[[d["mean"] - d["low"] for d in diffs], [d["high"] - d["mean"] for d in diffs]])
+    ax_paired.axvline(0, color="gray", linewidth=1)
+    ax_paired.set_yticks(y, [pair.replace("partial_preservation", "partial pres.") for pair in pairs], fontsize=7)
+    ax_paired.set(xlabel="difference in overall GenEval-lite", title="paired by seed (95 % t-intervals)")
     fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    s = settings()
     workdir = Path(_WORKDIR.value)
-    grown_lrs = [float(lr) for lr in _GROWN_LRS.value]
-    configs = arm_configs(_CONFIG.value, _GROWN_DEPTH.value, _GROWN_STEPS.value, grown_lrs, _PRUNED_DEPTH.value,
-                          _FINETUNE_STEPS.value, _PRUNE_FROM.value, workdir)
-    grown_arms = [name for name in configs if name.startswith("grown")]
-    for name, config in configs.items():
-        run(config, workdir / name)
+    per_seed = [arm_configs(_CONFIG.value, seed, s, _QUICK.value) for seed in range(s["seeds"])]
+    for seed, configs in enumerate(per_seed):
+        seed_dir = workdir / f"seed{seed}"
+        for arm, config in configs.items():
+            folder = seed_dir / arm
+            if arm in s["strategies"]:  # the grown arms continue from the shared base (and its optimizer state)
+                folder.mkdir(parents=True, exist_ok=True)
+                if not (folder / "base").exists():
+                    (folder / "base").symlink_to(Path("..") / "base", target_is_directory=True)
+                run(config, folder)
+            else:
+                train(config, folder, stage=f"seed {seed}: {arm}")
+            final_scores(folder, s)
 
+    configs = per_seed[0]
     base_depth = configs["base"].model.overrides["depth"]
-    grown_depth = _GROWN_DEPTH.value
-    curves = {}
-    arms = [("base", base_depth, 0), ("scratch", grown_depth, 0)]
-    arms += [(name, grown_depth, configs["base"].steps * base_depth) for name in grown_arms]
-    for name, depth, offset in arms:
-        steps, losses = read_metric(workdir / name, "eval_loss")
-        curves[name] = {"steps": steps.tolist(), "eval_loss": losses.tolist(),
-                        "compute": ((offset + steps * depth) / grown_depth).tolist(),
-                        "lr": configs[name].optimizer.lr}
-
-    data = DataConfig.from_mapping({**configs["grown"].data.to_dict(), "caption_dropout": 0.0})
-    iterator = make_train_iterator(data, seed=7, batch_size=16, process_index=0, process_count=1)
-    calibration = [next(iterator) for _ in range(4)]
-    timesteps = prune_defaults().timesteps
-    importance = {}
-    for name in ("grown", "scratch"):
-        model_config, params = checkpoint.load(workdir / name / "model")
-        importance[name] = block_importance_per_timestep(params, model_config, calibration,
-                                                         timesteps=timesteps).tolist()
-
-    prune = {}
-    for method, seed in PRUNE_ARMS:
-        name = f"{method}{seed}"
-        steps, losses = read_metric(workdir / f"prune_{name}", "eval_loss")
-        surgery_record = json.loads((workdir / f"prune_{name}" / "surgery.json").read_text())
-        prune[name] = {"method": method, "seed": seed, "kept": surgery_record["kept_blocks"],
-                       "loss_before": float(losses[0]), "loss_after": float(losses[-1]), "curve": losses.tolist()}
-
-    accuracy = {name: final_accuracy(workdir / name / "model", configs[name], _EVAL_PROMPTS.value, _GUIDANCE.value)
-                for name in configs}
-    results = {"base_depth": base_depth, "grown_depth": grown_depth, "pruned_depth": _PRUNED_DEPTH.value,
-               "finetune_steps": _FINETUNE_STEPS.value, "curves": curves,
-               "prune_from": _PRUNE_FROM.value, "unpruned_loss": curves[_PRUNE_FROM.value]["eval_loss"][-1],
-               "importance_per_timestep": importance,
-               "timesteps": list(timesteps), "prune": prune, "checker_accuracy": accuracy,
-               "checker_prompts": _EVAL_PROMPTS.value, "guidance": _GUIDANCE.value,
+    target = configs["scratch"].model.overrides["depth"]
+    results = {"settings": s, "depths": {"base": base_depth, "target": target},
+               "steps": {arm: c.steps for arm, c in configs.items()}, "curves": {}, "final": {},
                "device": jax.devices()[0].device_kind}
-    out = Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "growth.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, out / "growth.png")
+    for arm in configs:
+        runs = [read_curves(workdir / f"seed{seed}" / arm) for seed in range(s["seeds"])]
+        steps = [step for step, _ in runs[0]["sample_accuracy"]]
+        depth, offset = ((base_depth, 0) if arm == "base" else (target, 0) if arm == "scratch"
+                         else (target, configs["base"].steps * base_depth))
+        results["curves"][arm] = {
+            "steps": steps, "compute": [offset + step * depth for step in steps],
+            **{metric: np.mean([[v for _, v in r[metric]] for r in runs], axis=0).tolist()
+               for metric in ("eval_loss", "sample_accuracy")}}
+        scores = [final_scores(workdir / f"seed{seed}" / arm, s) for seed in range(s["seeds"])]
+        tasks = list(scores[0]["accuracy"])
+        results["final"][arm] = {task: mean_interval([sc["accuracy"][task] for sc in scores]) for task in tasks}
+        results["final"][arm]["final_eval_loss"] = mean_interval([r["eval_loss"][-1][1] for r in runs])
+        results["tasks"] = tasks[1:]
+    results["savings"] = compute_savings(results)
+    results["paired"] = paired_differences(results)
 
-    budget = curves["scratch"]["compute"][-1]
-    print(f"\n| run | depth | steps | compute ({grown_depth}-block steps) | held-out loss | checker accuracy |")
-    print("|---|---|---|---|---|---|")
-    for name, depth, _ in arms:
-        c = curves[name]
-        print(f"| {name} (lr {c['lr']:g}) | {depth} | {c['steps'][-1]} | {c['compute'][-1]:.0f} | "
-              f"{c['eval_loss'][-1]:.4f} | {accuracy[name]:.3f} |")
-    scratch_curve = list(zip(curves["scratch"]["compute"], curves["scratch"]["eval_loss"], strict=True))
-    for name in grown_arms:
-        for x, loss in zip(curves[name]["compute"], curves[name]["eval_loss"], strict=True):
-            matched = [cx for cx, cl in scratch_curve if cl <= loss]
-            print(f"{name}: loss {loss:.4f} at {x:.0f} units; scratch first reaches it at "
-                  + (f"{matched[0]:.0f} units" if matched else "no point within its budget"))
-    print(f"(budget: {budget:.0f} units)")
-    print(f"\n| pruning method | kept blocks | loss after pruning | after {_FINETUNE_STEPS.value} steps | "
-          "checker accuracy |")
-    print("|---|---|---|---|---|")
-    for name, p in prune.items():
-        print(f"| {name} | {p['kept']} | {p['loss_before']:.4f} | {p['loss_after']:.4f} | "
-              f"{accuracy[f'prune_{name}']:.3f} |")
-    print(f"\nunpruned {_PRUNE_FROM.value} model: {results['unpruned_loss']:.4f}")
-    for name, table in importance.items():
-        print(f"importance per block, {name}: {np.round(np.mean(table, axis=0), 4).tolist()}")
+    out = Path(_OUT_JSON.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    Path(_OUT_PNG.value).parent.mkdir(parents=True, exist_ok=True)
+    plot(results, Path(_OUT_PNG.value))
+
+    print("\n| arm | depth | steps | compute (block-steps) | held-out loss | GenEval-lite overall (95 % CI) | "
+          + " | ".join(results["tasks"]) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(results["tasks"]))
+    for arm, final in results["final"].items():
+        curve = results["curves"][arm]
+        overall = final["overall"]
+        print(f"| {arm} | {base_depth if arm == 'base' else target} | {results['steps'][arm]} | "
+              f"{curve['compute'][-1]} | {final['final_eval_loss']['mean']:.4f} | {overall['mean']:.3f} "
+              f"({overall['low']:.3f}-{overall['high']:.3f}) | "
+              + " | ".join(f"{final[t]['mean']:.2f}" for t in results["tasks"]) + " |")
+    print("\n| paired by seed | overall accuracy difference (95 % CI) | held-out loss difference (95 % CI) |")
+    print("|---|---|---|")
+    for pair, diff in results["paired"].items():
+        print(f"| {pair} | " + " | ".join(f"{diff[m]['mean']:+.3f} ({diff[m]['low']:+.3f} to {diff[m]['high']:+.3f})"
+                                          for m in ("overall", "final_eval_loss")) + " |")
+    for row in results["savings"]:
+        reach, back = row["arm_reaches_scratch_final_at"], row["scratch_reaches_arm_final_at"]
+        print(f"{row['arm']}: grid accuracy {row['final']:.3f} (scratch {row['scratch_final']:.3f}); reaches "
+              f"scratch's final at " + (f"{reach:.0f} of {row['budget']:.0f} block-steps" if reach is not None
+                                        else "no point")
+              + "; scratch reaches its final at " + (f"{back:.0f}" if back is not None else "no point"))
+    print(f"\nwrote {out} and {_OUT_PNG.value}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ and with a perturbed or unrelated one; a pair's label is the checker's verdict o
       --guidance_scale=1.5 --shift=6
 
 Writes --out_json (settings, curves, per-task curves, throughput, score tables) and --out_png, and prints
-markdown tables.
+markdown tables. --reuse=<an earlier --out_json> takes the score tables of models sampled there with the same
+settings and verifier; with fewer candidates there, only the missing ones are sampled (candidate i always starts
+from the same noise), so N_max grows in steps.
 """
 
 from __future__ import annotations
@@ -81,9 +83,13 @@ _THROUGHPUT_PROMPTS = flags.DEFINE_list("throughput_prompts", ["1", "8"], "promp
 _THROUGHPUT_CANDIDATES = flags.DEFINE_integer("throughput_candidates", 8, "candidates per prompt there")
 _REUSE = flags.DEFINE_string("reuse", "", "an earlier --out_json: models sampled and scored there with the "
                              "same settings and verifier reuse its score tables")
+_QUICK = flags.DEFINE_bool("quick", False, "a minute's smoke run: 6 prompts, 4 sampler steps, a small verifier "
+                           "trained briefly, throughput on 1 prompt x 2 candidates (--max_candidates as given)")
 _OUT_JSON = flags.DEFINE_string("out_json", "docs/inference_scaling.json", "where the numbers go")
 _OUT_PNG = flags.DEFINE_string("out_png", "docs/inference_scaling.png", "where the figure goes")
 
+QUICK = {"num_prompts": 6, "num_steps": 4, "verifier_renders": 256, "verifier_steps": 20, "verifier_batch_size": 32,
+         "verifier_widths": ["8", "16"], "throughput_prompts": ["1"], "throughput_candidates": 2}
 VERIFIER_FILE = "verifier.msgpack"
 VERIFIER_INFO = "verifier.json"
 
@@ -151,13 +157,14 @@ def sampler_settings() -> dict[str, Any]:
 
 
 def sample_images(model: Model, text: np.ndarray, mask: np.ndarray, null: tuple[np.ndarray, np.ndarray],
-                  autoencoder: Any, *, num_candidates: int, chunk_size: int, side: int) -> np.ndarray:
-    """N candidates for each of P prompts (text (P, L, C)): images (P, N, H, W, 3) float32 in [0, 1]."""
+                  autoencoder: Any, *, candidates: range, chunk_size: int, side: int) -> np.ndarray:
+    """Candidates `candidates` (indices of their noise) for each of P prompts (text (P, L, C)): images
+    (P, len(candidates), H, W, 3) float32 in [0, 1]."""
     key = jax.random.key(_NOISE_SEED.value)
     chunks = []
-    for first in tqdm(range(0, num_candidates, chunk_size), desc=f"sampling {model.name}"):
+    for first in tqdm(range(candidates.start, candidates.stop, chunk_size), desc=f"sampling {model.name}"):
         latents = generate_candidates(
-            model.params, model.config, text, mask, *null, key, num_candidates=min(chunk_size, num_candidates - first),
+            model.params, model.config, text, mask, *null, key, num_candidates=min(chunk_size, candidates.stop - first),
             chunk_size=chunk_size, first_candidate=first, height=side, width=side, **sampler_settings())
         decoded = np.asarray(autoencoder.decode(latents.reshape(-1, *latents.shape[2:])), np.float32)
         chunks.append(np.clip(decoded, 0.0, 1.0).reshape(*latents.shape[:2], *decoded.shape[1:]))
@@ -281,23 +288,34 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 def reusable_tables(name: str, path: str, settings: dict[str, Any], verifier_digest: str | None) -> dict | None:
-    """Score tables of model `name` from --reuse when its checkpoint, settings and verifier match."""
+    """Score tables of model `name` from --reuse when its checkpoint, verifier and settings match, up to
+    max_candidates: an earlier run with fewer candidates gives their columns (candidate i always starts from
+    the same noise), which this run extends; one with more gives its first max_candidates columns."""
     if not _REUSE.value or not Path(_REUSE.value).is_file() or verifier_digest is None:
         return None
     earlier = json.loads(Path(_REUSE.value).read_text())
     report = earlier.get("models", {}).get(name)
-    if (report is None or report["path"] != path or earlier.get("settings") != settings
+    other = lambda s: {k: v for k, v in s.items() if k != "max_candidates"}
+    if (report is None or report["path"] != path or other(earlier.get("settings", {})) != other(settings)
             or earlier.get("verifier", {}).get("digest") != verifier_digest
             or report["tables"]["prompts"] != eval_prompts(DataConfig(resolution=settings["resolution"]),
                                                            settings["num_prompts"], settings["prompt_seed"])):
         return None
-    return report["tables"]
+    n = settings["max_candidates"]
+    tables = report["tables"]
+    share = min(1.0, n / len(tables["accepted"][0]))
+    return {**tables, "accepted": [row[:n] for row in tables["accepted"]],
+            "verifier_scores": [row[:n] for row in tables["verifier_scores"]],
+            "sampling_seconds": tables["sampling_seconds"] * share}
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    if _QUICK.value:
+        for name, value in QUICK.items():
+            setattr(flags.FLAGS, name, value)
     if not _MODELS.value:
         raise app.UsageError("give at least one --model=NAME=DIR")
     named = [parse_model(v) for v in _MODELS.value]
@@ -330,18 +348,24 @@ def main(argv: Sequence[str]) -> None:
         passes = 1 if _GUIDANCE.value == 1.0 else 2
         image_gflops = forward_flops(model, side, text_length) * _NUM_STEPS.value * passes / 1e9
         tables = reusable_tables(name, path, settings, verifier_info.get("digest"))
-        if tables is None:
+        reused = 0 if tables is None else len(tables["accepted"][0])
+        if reused:
+            print(f"{name}: score tables of {reused} candidates reused from {_REUSE.value}")
+        if reused < _MAX_CANDIDATES.value:
             start = time.perf_counter()
-            images = sample_images(model, text, mask, null, autoencoder, num_candidates=_MAX_CANDIDATES.value,
-                                   chunk_size=_CHUNK_SIZE.value, side=side)
+            images = sample_images(model, text, mask, null, autoencoder,
+                                   candidates=range(reused, _MAX_CANDIDATES.value), chunk_size=_CHUNK_SIZE.value,
+                                   side=side)
             seconds = time.perf_counter() - start
             accepted = search.verifier_tables(CheckerVerifier(), images, prompts)["scores"].astype(int)
-            scores = search.verifier_tables(verifier, images, prompts)["scores"]
-            tables = {"prompts": prompts, "accepted": accepted.tolist(),
-                      "verifier_scores": np.round(scores, 4).tolist(), "sampling_seconds": seconds}
+            scores = np.round(search.verifier_tables(verifier, images, prompts)["scores"], 4)
             print(f"{name}: {images.shape[0] * images.shape[1]} images in {seconds:.0f} s")
-        else:
-            print(f"{name}: score tables reused from {_REUSE.value}")
+            if reused:
+                accepted = np.concatenate([tables["accepted"], accepted], axis=1)
+                scores = np.concatenate([tables["verifier_scores"], scores], axis=1)
+                seconds += tables["sampling_seconds"]
+            tables = {"prompts": prompts, "accepted": accepted.tolist(), "verifier_scores": scores.tolist(),
+                      "sampling_seconds": seconds}
         accepted, scores = np.array(tables["accepted"]), np.array(tables["verifier_scores"])
         reports[name] = model_report(model, prompts, accepted, scores, counts, image_gflops) | {"tables": tables}
         throughput[name] = []
