@@ -9,15 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from test_train import tiny_config
-
-from sana_jax import checkpoint
-from sana_jax.data.pipeline import DataConfig
-from sana_jax.model import init_params
-from sana_jax.trainer.loop import model_config_for, model_metadata
+from test_train import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +31,7 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_quick_runs_and_reused_tables(tmp_path):
-    config = tiny_config()
-    model_config = model_config_for(config, DataConfig.from_mapping(config.data))
-    model = tmp_path / "model"
-    checkpoint.save(model, model_config, init_params(model_config, jax.random.key(0)),
-                    metadata=model_metadata(config))
+    model = save_tiny_model(tmp_path / "model")
     common = [f"--model=tiny={model}", "--quick", f"--verifier={tmp_path / 'verifier'}", "--chunk_size=2"]
 
     def run(name: str, n: int, *extra: str) -> tuple[dict, str]:

@@ -10,14 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
-from test_train import tiny_config
-
-from sana_jax import checkpoint
-from sana_jax.data.pipeline import DataConfig
-from sana_jax.model import init_params
-from sana_jax.trainer.loop import model_config_for, model_metadata
+from test_train import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
@@ -33,11 +27,7 @@ def _run(model: Path, tmp_path: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_quick_run_cuts_scores_and_resumes(tmp_path):
-    config = tiny_config()
-    model_config = model_config_for(config, DataConfig.from_mapping(config.data))
-    model = tmp_path / "model"
-    checkpoint.save(model, model_config, init_params(model_config, jax.random.key(0)),
-                    metadata=model_metadata(config))
+    model = save_tiny_model(tmp_path / "model")
 
     first = _run(model, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

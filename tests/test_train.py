@@ -17,7 +17,10 @@ import pytest
 from ml_collections import ConfigDict
 
 from sana_jax import checkpoint
+from sana_jax.data.pipeline import DataConfig
+from sana_jax.model import init_params
 from sana_jax.trainer import default_config, train, validate
+from sana_jax.trainer.loop import model_config_for, model_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +43,14 @@ def tiny_config(**changes) -> ConfigDict:
             target = target[part]
         target[leaf] = value
     return c
+
+
+def save_tiny_model(path: Path) -> Path:
+    """A random model of `tiny_config()` saved at `path` with the metadata the trainer writes."""
+    config = tiny_config()
+    model_config = model_config_for(config, DataConfig.from_mapping(config.data))
+    checkpoint.save(path, model_config, init_params(model_config, jax.random.key(0)), metadata=model_metadata(config))
+    return path
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -255,9 +266,7 @@ def test_every_shipped_config_validates(path):
 
 def test_ema_is_the_warmed_up_average_of_the_iterates():
     """EMA after each update t (from 0): e = d_t e + (1 - d_t) p with d_t = min(decay, (1 + t) / (10 + t))."""
-    from sana_jax.data.pipeline import DataConfig, make_train_iterator
-    from sana_jax.model import init_params
-    from sana_jax.trainer.loop import model_config_for
+    from sana_jax.data.pipeline import make_train_iterator
     from sana_jax.trainer.optimizers import learning_rate_schedule, make_optimizer
     from sana_jax.trainer.step import init_train_state, make_train_step
 

@@ -53,7 +53,6 @@ _QUICK = flags.DEFINE_bool("quick", False, "a few minutes' smoke run: one seed, 
 _OUT_JSON = flags.DEFINE_string("out_json", "docs/growth.json", "where the numbers go")
 _OUT_PNG = flags.DEFINE_string("out_png", "docs/growth.png", "where the figure goes")
 
-EVAL_SEED = 1234  # the trainer's sampling.eval_seed
 ARM_COLORS = {"base": "tab:blue", "scratch": "tab:gray", "partial_preservation": "tab:orange", "cyclic": "tab:green",
               "block_expand": "tab:purple"}
 
@@ -120,8 +119,9 @@ def final_scores(folder: Path, s: dict) -> dict:
         return json.loads(done.read_text())
     model_config, params = checkpoint.load(folder / "model")
     data, sampler = recorded_settings(str(folder / "model"))
-    result = evaluation.evaluate(params, model_config, data, num_prompts=s["num_prompts"], seed=EVAL_SEED,
-                                 samples_per_prompt=s["samples_per_prompt"], **sampler)
+    result = evaluation.evaluate(params, model_config, data, num_prompts=s["num_prompts"],
+                                 seed=_CONFIG.value.sampling.eval_seed, samples_per_prompt=s["samples_per_prompt"],
+                                 **sampler)
     scores = {"accuracy": result.accuracy(), "counts": result.counts()}
     done.write_text(json.dumps(scores) + "\n")
     return scores

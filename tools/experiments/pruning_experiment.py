@@ -58,7 +58,6 @@ _QUICK = flags.DEFINE_bool("quick", False, "a few minutes' smoke run: half the b
 _OUT_JSON = flags.DEFINE_string("out_json", "docs/pruning.json", "where the numbers go")
 _OUT_PNG = flags.DEFINE_string("out_png", "docs/pruning.png", "where the figure goes")
 
-EVAL_SEED = 1234  # the trainer's sampling.eval_seed
 
 
 def settings() -> dict:
@@ -78,8 +77,9 @@ def settings() -> dict:
 
 def score(params: dict, model_config, data: DataConfig, sampler: dict, s: dict) -> dict:
     """GenEval-lite of a model: accuracy per task and overall, and the (accepted, judged) counts."""
-    result = evaluation.evaluate(params, model_config, data, num_prompts=s["num_prompts"], seed=EVAL_SEED,
-                                 samples_per_prompt=s["samples_per_prompt"], **sampler)
+    result = evaluation.evaluate(params, model_config, data, num_prompts=s["num_prompts"],
+                                 seed=_CONFIG.value.sampling.eval_seed, samples_per_prompt=s["samples_per_prompt"],
+                                 **sampler)
     return {"accuracy": result.accuracy(), "counts": result.counts()}
 
 
