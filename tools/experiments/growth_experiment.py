@@ -84,13 +84,15 @@ def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, 
     base.sample_every = base.eval_every = max(1, base.steps // s["curve_points"])
 
     target = 4 if quick else grow.growth.target_depth
+    grown_steps = 2 if quick else grow.steps
     configs = {"base": base}
     for strategy in s["strategies"]:
         c = copy.deepcopy(grow)
         c.base = copy.deepcopy(base)
         c.growth.update({"strategy": strategy, "target_depth": target, "base_checkpoint": ""})
+        c.steps = grown_steps
         if quick:
-            c.update({"steps": 2, "batch_size": 8, "eval_batches": 1})
+            c.update({"batch_size": 8, "eval_batches": 1})
             c.optimizer.warmup_steps = 1
         c.seed = seed
         c.sampling.num_prompts = s["grid_prompts"]
@@ -98,7 +100,6 @@ def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, 
         configs[strategy] = c
 
     scratch = copy.deepcopy(base)
-    grown_steps = configs[s["strategies"][0]].steps if s["strategies"] else grow.steps
     scratch.steps = math.ceil((base.steps * base.model.overrides["depth"] + grown_steps * target) / target)
     scratch.model.overrides = {**base.model.overrides, "depth": target}
     scratch.sample_every = scratch.eval_every = max(1, scratch.steps // s["curve_points"])

@@ -59,7 +59,6 @@ _OUT_JSON = flags.DEFINE_string("out_json", "docs/pruning.json", "where the numb
 _OUT_PNG = flags.DEFINE_string("out_png", "docs/pruning.png", "where the figure goes")
 
 
-
 def settings() -> dict:
     """The run's settings: the flags, with --quick's reductions applied."""
     s = {"fractions": [float(f) for f in _FRACTIONS.value], "random_cuts": _RANDOM_CUTS.value,
