@@ -18,7 +18,7 @@ from sana_jax.model import SanaConfig
 from sana_jax.sampling import generate
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval (low, high) of a binomial proportion; (0, 1) for no trials."""
     if trials == 0:
         return 0.0, 1.0
@@ -47,16 +47,26 @@ class Evaluation:
         per_task = {task: k / n for task, (k, n) in self.counts().items()}
         return {"overall": float(np.mean(list(per_task.values()))), **per_task}
 
+    def overall_interval(self) -> tuple[float, float]:
+        """95 % interval of the overall accuracy (the mean of K task accuracies, n_t prompts each).
+
+        Wilson's interval at the mean's effective sample size K^2 / sum(1 / n_t), the size at which a single
+        proportion has the mean's variance when the tasks' accuracies are alike. With equal task counts this
+        is the pooled interval of all the samples.
+        """
+        counts = self.counts()
+        effective = len(counts) ** 2 / sum(1 / n for _, n in counts.values())
+        return wilson_interval(self.accuracy()["overall"] * effective, effective)
+
     def table(self) -> str:
         """A Markdown table: task, accepted / judged, accuracy and its 95 % interval."""
         rows = ["| task | accepted | accuracy | 95 % interval |", "|---|---|---|---|"]
         for task, (k, n) in self.counts().items():
             low, high = wilson_interval(k, n)
             rows.append(f"| {task} | {k}/{n} | {k / n:.3f} | {low:.3f}-{high:.3f} |")
-        k, n = sum(self.verdicts), len(self.verdicts)
-        low, high = wilson_interval(k, n)
-        rows.append(f"| overall (mean of tasks) | {k}/{n} | {self.accuracy()['overall']:.3f} | "
-                    f"{low:.3f}-{high:.3f} (pooled) |")
+        low, high = self.overall_interval()
+        rows.append(f"| overall (mean of tasks) | {sum(self.verdicts)}/{len(self.verdicts)} | "
+                    f"{self.accuracy()['overall']:.3f} | {low:.3f}-{high:.3f} |")
         return "\n".join(rows)
 
 

@@ -40,6 +40,31 @@ def test_per_task_counts_on_renders_with_known_verdicts():
     assert "| counting | 1/2 | 0.500 |" in table and "| overall (mean of tasks) | 6/12 | 0.500 |" in table
 
 
+def test_overall_interval_is_the_pooled_one_for_equal_task_counts_and_covers_unequal_ones():
+    from sana_jax.data.pipeline import DataConfig
+
+    rng = np.random.default_rng(0)
+    equal = evaluation.eval_prompts(DataConfig(), 60, seed=5)
+    verdicts = list(rng.random(60) < 0.4)
+    result = evaluation.Evaluation(equal, np.zeros((60, 1, 1, 3)), verdicts)
+    np.testing.assert_allclose(result.overall_interval(), evaluation.wilson_interval(sum(verdicts), 60))
+
+    # Two tasks have 30 prompts, four have 60 (the hard tasks twice in the mix); the true task accuracies
+    # differ. Over repeated draws the interval must cover the true mean about 95 % of the time.
+    tasks = ("single_object", "two_objects", "counting", "colors", "position", "color_attr",
+             "two_objects", "counting", "position", "color_attr")
+    prompts = evaluation.eval_prompts(DataConfig(tasks=tasks), 300, seed=5)
+    truth = dict(zip(shapes.TASKS, (0.8, 0.3, 0.45, 0.6, 0.1, 0.15), strict=True))
+    p = np.array([truth[shapes.parse_prompt(q).task] for q in prompts])
+    covered = []
+    for _ in range(1000):
+        draw = evaluation.Evaluation(prompts, np.zeros((300, 1, 1, 3)), list(rng.random(300) < p))
+        low, high = draw.overall_interval()
+        assert low <= draw.accuracy()["overall"] <= high
+        covered.append(low <= np.mean(list(truth.values())) <= high)
+    assert 0.93 <= np.mean(covered) <= 0.98
+
+
 def test_eval_prompts_cycle_through_the_tasks():
     from sana_jax.data.pipeline import DataConfig
 
