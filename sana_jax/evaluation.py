@@ -54,9 +54,9 @@ class Evaluation:
         proportion has the mean's variance when the tasks' accuracies are alike. With equal task counts this
         is the pooled interval of all the samples.
         """
-        counts = self.counts()
-        effective = len(counts) ** 2 / sum(1 / n for _, n in counts.values())
-        return wilson_interval(self.accuracy()["overall"] * effective, effective)
+        counts = self.counts().values()
+        effective = len(counts) ** 2 / sum(1 / n for _, n in counts)
+        return wilson_interval(np.mean([k / n for k, n in counts]) * effective, effective)
 
     def table(self) -> str:
         """A Markdown table: task, accepted / judged, accuracy and its 95 % interval."""
