@@ -30,11 +30,13 @@ def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[f
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """Samples and verdicts: `images` (N, H, W, 3) in [0, 1], `prompts` and `verdicts` of length N."""
+    """Samples and verdicts: `images` (N, H, W, 3) in [0, 1], `prompts` and `verdicts` of length N, and
+    optionally why each rejected sample failed (`failures`: "" or one of `checker.FAILURES`)."""
 
     prompts: list[str]
     images: np.ndarray
     verdicts: list[bool]
+    failures: list[str] | None = None
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """Per task in `shapes.TASKS` order (tasks without prompts left out): (accepted, judged)."""
@@ -57,6 +59,28 @@ class Evaluation:
         counts = self.counts().values()
         effective = len(counts) ** 2 / sum(1 / n for _, n in counts)
         return wilson_interval(np.mean([k / n for k, n in counts]) * effective, effective)
+
+    def failure_counts(self) -> dict[str, dict[str, int]]:
+        """Per task (as in `counts`): how many samples were rejected for each of `checker.FAILURES`."""
+        if self.failures is None:
+            raise ValueError("this Evaluation has no failures recorded; `evaluate` records them")
+        tasks = [shapes.parse_prompt(p).task for p in self.prompts]
+        return {task: {kind: sum(t == task and f == kind for t, f in zip(tasks, self.failures, strict=True))
+                       for kind in checker.FAILURES}
+                for task in self.counts()}
+
+    def failure_table(self) -> str:
+        """A Markdown table: per task, the accepted samples and the rejected ones by reason."""
+        rows = ["| task | accepted | " + " | ".join(checker.FAILURES) + " |",
+                "|---|---|" + "---|" * len(checker.FAILURES)]
+        per_task, counts = self.failure_counts(), self.counts()
+        for task, kinds in per_task.items():
+            k, n = counts[task]
+            rows.append(f"| {task} | {k}/{n} | " + " | ".join(str(kinds[f]) for f in checker.FAILURES) + " |")
+        totals = {f: sum(kinds[f] for kinds in per_task.values()) for f in checker.FAILURES}
+        rows.append(f"| all | {sum(self.verdicts)}/{len(self.verdicts)} | "
+                    + " | ".join(str(totals[f]) for f in checker.FAILURES) + " |")
+        return "\n".join(rows)
 
     def table(self) -> str:
         """A Markdown table: task, accepted / judged, accuracy and its 95 % interval."""
@@ -107,4 +131,5 @@ def evaluate(params: dict, model_config: SanaConfig, data_config: DataConfig, *,
     images = sample_images(params, model_config, data_config, prompts, key=jax.random.key(seed),
                            num_steps=num_steps, guidance_scale=guidance_scale, shift=shift, solver=solver,
                            batch_size=batch_size)
-    return Evaluation(prompts, images, [checker.check(p, im) for p, im in zip(prompts, images, strict=True)])
+    verdicts = [checker.check_detail(p, im) for p, im in zip(prompts, images, strict=True)]
+    return Evaluation(prompts, images, [v.ok for v in verdicts], [v.failure for v in verdicts])

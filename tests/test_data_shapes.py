@@ -118,6 +118,25 @@ def _box_at(cx, cy, side=4.0):
     return SceneObject("square", "red", (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
 
 
+def _at(shape, color, cx, cy=16.0, side=6.0):
+    return SceneObject(shape, color, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+
+
+@pytest.mark.parametrize("prompt, objects, expected", [
+    ("two circles", [_at("circle", "red", 8), _at("circle", "blue", 24)], ""),
+    ("two circles", [_at("circle", "red", 8), _at("square", "blue", 24)], "count"),
+    ("a red square and a blue circle", [_at("square", "red", 8), _at("circle", "blue", 24)], ""),
+    ("a red square and a blue circle", [_at("square", "blue", 8), _at("circle", "blue", 24)], "missing"),
+    ("a square left of a circle", [_at("square", "red", 8), _at("circle", "red", 24)], ""),
+    ("a square left of a circle", [_at("square", "red", 24), _at("circle", "red", 8)], "relation"),
+    ("a square left of a circle", [_at("circle", "red", 8), _at("circle", "red", 24)], "missing"),
+])
+def test_unmet_part_names_what_a_scene_gets_wrong(prompt, objects, expected):
+    spec = shapes.parse_prompt(prompt)
+    assert shapes.unmet_part(spec, objects) == expected
+    assert shapes.satisfies(spec, objects)[0] == (expected == "")
+
+
 @pytest.mark.parametrize("dx, dy, expected", [
     (-10, 0, {"left of"}), (10, 1, {"right of"}), (0, -10, {"above"}), (1, 10, {"below"}),
     (-10, -10, {"left of", "above"}),  # 45 degrees: both components are 0.71 before shrinking
@@ -132,7 +151,7 @@ def test_relations_follow_genevals_rule(dx, dy, expected):
 def _agreement(samples, image_of=lambda s: s.image):
     for s in samples:
         verdict = checker.check_detail(s.prompt, image_of(s))
-        assert verdict.ok, (s.prompt, verdict.reason)
+        assert verdict.ok and verdict.failure == "", (s.prompt, verdict.reason)
         assert verdict.task == s.spec.task
         truth = sorted((o.shape, o.color) for o in s.objects)
         assert sorted((o.shape, o.color) for o in verdict.objects) == truth, s.prompt
@@ -180,7 +199,7 @@ def test_checker_accepts_float_images_and_sees_a_removed_object(samples32):
     erased = s.image.copy()
     erased[max(y0 - 1, 0):y1 + 2, max(x0 - 1, 0):x1 + 2] = np.median(s.image.reshape(-1, 3), axis=0)
     verdict = checker.check_detail(s.prompt, erased)
-    assert not verdict.ok and "found 2" in verdict.reason
+    assert not verdict.ok and "found 2" in verdict.reason and verdict.failure == "count"
 
 
 def _prompts_of_every_task(rng):
@@ -244,7 +263,7 @@ def test_checker_rejects_the_right_object_among_heavy_clutter(samples32):
             cluttered[r:r + 3, c:c + 3] = rng.integers(0, 256, size=3)
             blotches += 1
     verdict = checker.check_detail(s.prompt, cluttered)
-    assert not verdict.ok and verdict.clutter > 0.05 and "clutter" in verdict.reason
+    assert not verdict.ok and verdict.clutter > 0.05 and "clutter" in verdict.reason and verdict.failure == "clutter"
     assert [(o.shape, o.color) for o in verdict.objects] == [(s.objects[0].shape, s.objects[0].color)]
 
 

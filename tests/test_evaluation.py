@@ -32,12 +32,21 @@ def test_per_task_counts_on_renders_with_known_verdicts():
     blank = np.full_like(samples[0].image, 230)
     images = np.stack([s.image for s in samples[:6]] + [blank] * 6) / 255.0
     prompts = [s.prompt for s in samples]
-    verdicts = [checker.check(p, im) for p, im in zip(prompts, images, strict=True)]
-    result = evaluation.Evaluation(prompts, images, verdicts)
+    details = [checker.check_detail(p, im) for p, im in zip(prompts, images, strict=True)]
+    result = evaluation.Evaluation(prompts, images, [v.ok for v in details], [v.failure for v in details])
     assert result.counts() == {task: (1, 2) for task in shapes.TASKS}
     assert result.accuracy() == {"overall": 0.5, **{task: 0.5 for task in shapes.TASKS}}
     table = result.table()
     assert "| counting | 1/2 | 0.500 |" in table and "| overall (mean of tasks) | 6/12 | 0.500 |" in table
+    # The blank images hold no object and no clutter: counting finds the wrong number (0), every other task
+    # misses a named object.
+    assert result.failure_counts() == {
+        task: {"clutter": 0, "missing": int(task != "counting"), "count": int(task == "counting"), "relation": 0}
+        for task in shapes.TASKS}
+    failures = result.failure_table()
+    assert "| counting | 1/2 | 0 | 0 | 1 | 0 |" in failures and "| all | 6/12 | 0 | 5 | 1 | 0 |" in failures
+    with pytest.raises(ValueError, match="no failures recorded"):
+        evaluation.Evaluation(prompts, images, [v.ok for v in details]).failure_counts()
 
 
 def test_overall_interval_is_the_pooled_one_for_equal_task_counts_and_covers_unequal_ones():

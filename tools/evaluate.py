@@ -3,8 +3,9 @@
   python tools/evaluate.py --model=workdir/grow/model [--num_prompts=120 --samples_per_prompt=4]
 
 The sampler defaults to the one recorded in the model's metadata (what the trainer evaluated with);
-any of --num_steps, --guidance_scale, --shift, --solver overrides it. With --out=DIR it also writes
-report.json (settings, per-task counts, every verdict) and grid.png (the first samples with verdicts).
+any of --num_steps, --guidance_scale, --shift, --solver overrides it. A second table says why samples were
+rejected (`sana_jax.data.checker.FAILURES`). With --out=DIR it also writes report.json (settings, per-task counts
+and failures, every verdict) and grid.png (the first samples with verdicts).
 """
 
 from __future__ import annotations
@@ -48,14 +49,18 @@ def main(argv: list[str]) -> None:
     settings = ", ".join(f"{k}={v}" for k, v in sampler.items())
     print(f"{_MODEL.value}: {_NUM_PROMPTS.value} prompts x {_SAMPLES.value} samples ({settings})")
     print(result.table())
+    print("\nWhy samples were rejected (clutter: stray pixels over 1 % of the image; missing: a named object, "
+          "with its colour, not found; count: the wrong number; relation: both found, not in the relation):")
+    print(result.failure_table())
     if _OUT.value:
         out = Path(_OUT.value)
         out.mkdir(parents=True, exist_ok=True)
         report = {"model": _MODEL.value, "num_prompts": _NUM_PROMPTS.value, "samples_per_prompt": _SAMPLES.value,
                   "seed": _SEED.value, "sampling": sampler, "accuracy": result.accuracy(),
                   "counts": result.counts(),
-                  "samples": [{"prompt": p, "ok": bool(v)} for p, v in zip(result.prompts, result.verdicts,
-                                                                             strict=True)]}
+                  "failures": result.failure_counts(),
+                  "samples": [{"prompt": p, "ok": bool(v), "failure": f}
+                              for p, v, f in zip(result.prompts, result.verdicts, result.failures, strict=True)]}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         n = min(len(result.prompts), 48)
         save_grid(out / "grid.png", result.images[:n], result.prompts[:n], verdicts=result.verdicts[:n],

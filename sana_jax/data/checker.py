@@ -56,12 +56,17 @@ _PALETTE_NAMES = tuple(shapes.COLORS)
 _PALETTE = np.array([shapes.COLORS[c] for c in _PALETTE_NAMES], dtype=np.float64)
 
 
+# Why an image is rejected: clutter, or a named object missing, a wrong count or a wrong relation.
+FAILURES = ("clutter", "missing", "count", "relation")
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """The checker's answer for one prompt-image pair, with its evidence.
 
     `objects` are the confident objects; `clutter` is the fraction of the image's pixels that stand
-    out from the background but belong to no confident object.
+    out from the background but belong to no confident object. `failure` is "" for an accepted image,
+    else one of `FAILURES`: too much clutter, or what `shapes.unmet_part` finds wrong.
     """
 
     ok: bool
@@ -69,6 +74,7 @@ class Verdict:
     reason: str
     objects: tuple[shapes.SceneObject, ...]
     clutter: float
+    failure: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +232,9 @@ def check_detail(prompt: str, image: np.ndarray) -> Verdict:
     objects, clutter = _detect(_as_rgb255(image))
     if clutter > _MAX_CLUTTER:
         return Verdict(False, spec.task, f"clutter covers {clutter:.1%} of the image (at most "
-                       f"{_MAX_CLUTTER:.0%} allowed)", objects, clutter)
+                       f"{_MAX_CLUTTER:.0%} allowed)", objects, clutter, "clutter")
     ok, reason = shapes.satisfies(spec, objects)
-    return Verdict(ok, spec.task, reason, objects, clutter)
+    return Verdict(ok, spec.task, reason, objects, clutter, shapes.unmet_part(spec, objects))
 
 
 def check(prompt: str, image: np.ndarray) -> bool:

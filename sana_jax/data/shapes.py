@@ -254,6 +254,10 @@ def relations(a: SceneObject, b: SceneObject) -> set[str]:
     return {name for name, axis in _RELATION_AXES.items() if direction @ np.array(axis) > 0.5}
 
 
+def _matching(objects: Sequence[SceneObject], thing: Thing) -> list[SceneObject]:
+    return [o for o in objects if o.shape == thing.shape and thing.color in (None, o.color)]
+
+
 def satisfies(spec: PromptSpec, objects: Sequence[SceneObject]) -> tuple[bool, str]:
     """Whether a scene with `objects` makes `spec` true, with the reason (GenEval's per-task rules).
 
@@ -261,14 +265,11 @@ def satisfies(spec: PromptSpec, objects: Sequence[SceneObject]) -> tuple[bool, s
     per noun phrase (with the colour when the phrase names one); position needs a pair of matching
     objects in the stated relation.
     """
-    def matching(thing: Thing) -> list[SceneObject]:
-        return [o for o in objects if o.shape == thing.shape and thing.color in (None, o.color)]
-
     if spec.task == "counting":
-        found = len(matching(spec.things[0]))
+        found = len(_matching(objects, spec.things[0]))
         ok = found == spec.count
         return ok, f"found {found} {spec.things[0].shape}(s), need exactly {spec.count}"
-    groups = [matching(t) for t in spec.things]
+    groups = [_matching(objects, t) for t in spec.things]
     for thing, group in zip(spec.things, groups, strict=True):
         if not group:
             return False, f"no {_noun(thing)} found"
@@ -279,6 +280,16 @@ def satisfies(spec: PromptSpec, objects: Sequence[SceneObject]) -> tuple[bool, s
                     return True, f"a {spec.things[0].shape} is {spec.relation} a {spec.things[1].shape}"
         return False, f"no {spec.things[0].shape} is {spec.relation} a {spec.things[1].shape}"
     return True, "every object found"
+
+
+def unmet_part(spec: PromptSpec, objects: Sequence[SceneObject]) -> str:
+    """What of `spec` a scene with `objects` gets wrong: "" when it `satisfies` it, else "count" (counting),
+    "missing" (a noun phrase with no matching object) or "relation" (both found, not in the relation)."""
+    if satisfies(spec, objects)[0]:
+        return ""
+    if spec.task == "counting":
+        return "count"
+    return "missing" if any(not _matching(objects, t) for t in spec.things) else "relation"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import tempfile
+import time
 
 import numpy as np
 from absl import app, flags
@@ -135,21 +136,25 @@ def junk_table(count: int, size: int, seed: int) -> None:
               f"({100 * total / (count * len(shapes.TASKS)):.2f}%) | {with_object}/{count} |")
 
 
-def _samples_per_second(iterator, batch_size: int, batches: int) -> float:
-    # One warm-up batch (threads started, first batches read), then `batches` back to back.
-    ms = median_ms(lambda: next(iterator), lambda _: None, warmup=1, repeats=1, inner=batches)
-    return batch_size / ms * 1e3
+def _samples_per_second(iterator, batch_size: int, batches: int) -> tuple[float, float]:
+    """(samples/s of wall time, ms of this process's CPU time per sample) over `batches` back to back, after
+    one warm-up batch (threads started, first batches read)."""
+    next(iterator)
+    start_cpu = time.process_time()
+    ms = median_ms(lambda: next(iterator), lambda _: None, warmup=0, repeats=1, inner=batches)
+    cpu_ms = (time.process_time() - start_cpu) * 1e3 / (batch_size * batches)
+    return batch_size / ms * 1e3, cpu_ms
 
 
 def throughput_table(batch_size: int, batches: int) -> None:
     print(f"\nPipeline throughput (batch {batch_size}, {batches} batches after one warm-up batch)")
-    print("| source | image | read threads | samples/s |\n|---|---|---|---|")
-    for size in (32, 64):
+    print("| source | latent | image | read threads | samples/s | CPU ms per sample |\n|---|---|---|---|---|---|")
+    for latent, size in (("space_to_depth", 32), ("space_to_depth", 64), ("patch_pca", 32)):
         for threads in (1, 2):
-            iterator = make_train_iterator({"resolution": size, "num_threads": threads}, seed=0,
-                                           batch_size=batch_size, process_index=0, process_count=1)
-            rate = _samples_per_second(iterator, batch_size, batches)
-            print(f"| shapes, on the fly | {size} px | {threads} | {rate:.0f} |")
+            config = {"resolution": size, "latent": latent, "num_threads": threads}
+            iterator = make_train_iterator(config, seed=0, batch_size=batch_size, process_index=0, process_count=1)
+            rate, cpu_ms = _samples_per_second(iterator, batch_size, batches)
+            print(f"| shapes, on the fly | {latent} | {size} px | {threads} | {rate:.0f} | {cpu_ms:.2f} |")
     with tempfile.TemporaryDirectory() as data_dir:
         ae, encoder = SpaceToDepthAE(), WordTextEncoder()
         count = batch_size * (batches + 2)
@@ -165,8 +170,8 @@ def throughput_table(batch_size: int, batches: int) -> None:
             config = {"source": "array_record", "data_dir": data_dir, "num_threads": threads}
             iterator = make_train_iterator(config, seed=0, batch_size=batch_size, process_index=0,
                                            process_count=1)
-            rate = _samples_per_second(iterator, batch_size, batches)
-            print(f"| array_record, cached | 32 px | {threads} | {rate:.0f} |")
+            rate, cpu_ms = _samples_per_second(iterator, batch_size, batches)
+            print(f"| array_record, cached | space_to_depth | 32 px | {threads} | {rate:.0f} | {cpu_ms:.2f} |")
 
 
 _PER_TASK = flags.DEFINE_integer("per_task", 2000, "rendered samples per task")
