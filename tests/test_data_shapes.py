@@ -114,12 +114,12 @@ def test_images_show_each_object_in_its_colour(samples32):
             assert np.abs(pixel - shapes.COLORS[o.color]).max() <= 10.5, (s.prompt, o)
 
 
-def _box_at(cx, cy, side=4.0):
-    return SceneObject("square", "red", (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
-
-
-def _at(shape, color, cx, cy=16.0, side=6.0):
+def _box_at(cx, cy, side=4.0, shape="square", color="red"):
     return SceneObject(shape, color, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+
+
+def _at(shape, color, cx):
+    return _box_at(cx, 16.0, 6.0, shape, color)
 
 
 @pytest.mark.parametrize("prompt, objects, expected", [
