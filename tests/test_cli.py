@@ -1,0 +1,73 @@
+"""The commands' restart with glibc's huge-page tunable, checked against the kernel's own page accounting."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from sana_jax import cli
+
+# Prints its pid, restarts, then maps a 64 MiB block through malloc, touches it and prints how much of the
+# block's mapping the kernel backs with huge pages (AnonHugePages of /proc/self/smaps, kB).
+CHILD = textwrap.dedent("""
+    import ctypes, os, re
+    from sana_jax import cli
+    print("pid", os.getpid(), flush=True)
+    cli.restart_with_huge_pages()
+    size = 64 << 20
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    address = libc.malloc(size)
+    ctypes.memset(address, 1, size)
+    kb, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            inside = int(span.group(1), 16) <= address < int(span.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            kb = int(line.split()[1])
+    print("huge", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), kb)
+""")
+
+
+def _run_child(tunables: str | None) -> tuple[list[int], str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split("\n")
+    pids = [int(line.split()[1]) for line in out if line.startswith("pid ")]
+    _, pid, seen, kb = next(line for line in out if line.startswith("huge ")).split(" ")
+    return pids + [int(pid)], seen, int(kb)
+
+
+def _thp_mode() -> str:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return re.search(r"\[(\w+)\]", path.read_text()).group(1) if path.exists() else "never"
+
+
+def test_huge_pages_environment_adds_the_tunable_once():
+    assert cli.huge_pages_environment({"A": "1"}, "linux") == {"A": "1", "GLIBC_TUNABLES": cli.HUGE_PAGES_TUNABLE}
+    assert cli.huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "linux") == {
+        "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{cli.HUGE_PAGES_TUNABLE}"}
+    assert cli.huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux") is None
+    assert cli.huge_pages_environment({}, "darwin") is None
+
+
+def test_restart_sets_the_tunable_in_the_same_process_and_the_kernel_backs_large_blocks():
+    if sys.platform != "linux":
+        assert _run_child(None)[1] == ""
+        return
+    mode = _thp_mode()
+    pids, seen, kb = _run_child(None)
+    assert len(pids) == 3 and len(set(pids)) == 1, pids  # printed before and after the exec, one process
+    assert seen == cli.HUGE_PAGES_TUNABLE
+    assert (kb > 0) == (mode in ("always", "madvise")), (mode, kb)
+    # The caller's own setting wins: no restart, and huge pages only where the kernel gives them to everyone.
+    pids, seen, kb = _run_child("glibc.malloc.hugetlb=0")
+    assert len(pids) == 2 and seen == "glibc.malloc.hugetlb=0"
+    assert (kb > 0) == (mode == "always"), (mode, kb)
