@@ -43,7 +43,11 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tup
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (+ bias); kernel (in, out), cast to the compute dtype."""
+    """y = x @ kernel (+ bias); kernel (in, out), cast to the compute dtype.
+
+    x (..., in) is flattened to a matrix for the product: on XLA's CPU backend that spares the backward
+    the transposed copies a (B, N, in) operand costs (forward+backward 9-20 % faster; docs/performance.md).
+    """
 
     features: int
     axes: tuple[str | None, str | None]
@@ -56,7 +60,8 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes,
                         self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        rows = x.astype(self.dtype).reshape(-1, x.shape[-1])
+        y = jnp.dot(rows, kernel.astype(self.dtype)).reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             bias = _param(self, "bias", _zeros, (self.features,), (self.axes[1],), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -247,7 +252,8 @@ class PatchEmbed(nn.Module):
                         (None, None, None, "embed"), cfg.param_dtype)
         bias = _param(self, "bias", _zeros, (cfg.hidden,), ("embed",), cfg.param_dtype)
         kernel = kernel.reshape(-1, cfg.hidden).astype(patches.dtype)
-        return jnp.dot(patches, kernel) + bias.astype(patches.dtype)
+        rows = patches.reshape(-1, patches.shape[-1])  # a matrix product, as in `Dense`
+        return jnp.dot(rows, kernel).reshape(*patches.shape[:-1], cfg.hidden) + bias.astype(patches.dtype)
 
 
 class TimeEmbed(nn.Module):
