@@ -10,8 +10,8 @@ from sana_jax.trainer.config import default_config
 
 def get_config() -> ConfigDict:
     c = default_config()
-    # 2000 steps: the main job (configs/grow.py) runs this stage first and ends in 9 minutes on two idle cores.
-    c.steps = 2000
+    # 2400 steps: the main job (configs/grow.py) runs this stage first and ends in about 9 minutes on two idle cores.
+    c.steps = 2400
     c.batch_size = 64
     c.log_every = 50
     c.checkpoint_every = 500

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
-ARMS = ("base", "partial_preservation", "cyclic", "block_expand", "scratch")
+ARMS = ("base", "partial_preservation", "cyclic", "block_expand", "continued", "scratch")
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -34,14 +34,20 @@ def test_quick_run_trains_matched_arms_scores_and_resumes(tmp_path):
     assert results["depths"] == {"base": 2, "target": 4}
     assert list(results["final"]) == list(ARMS)
     curves = results["curves"]
-    # 4 base steps x 2 blocks + 2 grown steps x 4 blocks = 16 block-steps = 4 scratch steps x 4 blocks.
-    assert results["steps"] == {"base": 4, "partial_preservation": 2, "cyclic": 2, "block_expand": 2, "scratch": 4}
+    # 4 base steps x 2 blocks + 2 grown steps x 4 blocks = 16 block-steps = 4 scratch steps x 4 blocks; the
+    # continued base makes the grown stage's 2 steps at its own 2 blocks.
+    assert results["steps"] == {"base": 4, "partial_preservation": 2, "cyclic": 2, "block_expand": 2,
+                                "continued": 2, "scratch": 4}
     assert curves["base"]["compute"] == [0, 4, 8] and curves["scratch"]["compute"] == [0, 8, 16]
     for arm in ("partial_preservation", "cyclic", "block_expand"):
         assert curves[arm]["compute"] == [8, 16]
-    # Partial preservation adds exact identities: the grown model starts at the trained base's held-out loss.
-    assert curves["partial_preservation"]["eval_loss"][0] == pytest.approx(curves["base"]["eval_loss"][-1],
-                                                                           rel=1e-5)
+    assert curves["continued"]["compute"] == [8, 12]
+    # Partial preservation adds exact identities, and the continued base is the base itself: both start at the
+    # trained base's held-out loss.
+    for arm in ("partial_preservation", "continued"):
+        assert curves[arm]["eval_loss"][0] == pytest.approx(curves["base"]["eval_loss"][-1], rel=1e-5)
+    assert json.loads((tmp_path / "work" / "seed0" / "continued" / "surgery.json").read_text())["to_depth"] == 2
+    assert "partial_preservation - continued" in results["paired"]
     for arm in ARMS:
         scores = json.loads((tmp_path / "work" / "seed0" / arm / "scores.json").read_text())
         assert set(scores["counts"]) == set(TASKS)

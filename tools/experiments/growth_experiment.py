@@ -6,6 +6,8 @@ Per seed (--seeds), every arm a trainer run in --workdir/seed<k>/<arm>, so a rer
   <strategy>            that base grown to the target depth with each of --strategies (`surgery.grow`:
                         partial_preservation, cyclic, block_expand) and trained on by --config's grown stage
                         (its optimizer state carried over or fresh, as the config says);
+  continued             the control: the base not grown, trained on by the same grown-stage recipe (optimizer,
+                        learning rate, steps), so that growth's own effect is told apart from the continuation's;
   scratch               the target-depth model trained from scratch with the base's recipe for as many
                         block-steps (steps x depth, the compute unit) as base + grown stage together.
 Every run samples the trainer's evaluation grid (--grid_prompts, one sample each) and computes the held-out loss
@@ -54,7 +56,13 @@ _OUT_JSON = flags.DEFINE_string("out_json", "docs/growth.json", "where the numbe
 _OUT_PNG = flags.DEFINE_string("out_png", "docs/growth.png", "where the figure goes")
 
 ARM_COLORS = {"base": "tab:blue", "scratch": "tab:gray", "partial_preservation": "tab:orange", "cyclic": "tab:green",
-              "block_expand": "tab:purple"}
+              "block_expand": "tab:purple", "continued": "tab:red"}
+CONTINUED = "continued"  # the base trained on by the grown stage's recipe without growing
+
+
+def arms_from_base(results: dict) -> list[str]:
+    """The arms that start from the trained base: the grown ones and the continued control."""
+    return [*results["settings"]["strategies"], CONTINUED]
 
 
 def settings() -> dict:
@@ -72,7 +80,7 @@ def settings() -> dict:
 
 
 def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, ConfigDict]:
-    """The runs of one seed: {"base", <strategy>..., "scratch"}."""
+    """The runs of one seed: {"base", <strategy>..., "continued", "scratch"}."""
     if grow.get("growth") is None or grow.get("base") is None:
         fail("--config: expected a growth config with `growth` and `base` sections, like configs/grow.py")
     base = copy.deepcopy(grow.base)
@@ -85,11 +93,11 @@ def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, 
 
     target = 4 if quick else grow.growth.target_depth
     grown_steps = 2 if quick else grow.steps
-    configs = {"base": base}
-    for strategy in s["strategies"]:
+
+    def after_base(strategy: str, depth: int) -> ConfigDict:
         c = copy.deepcopy(grow)
         c.base = copy.deepcopy(base)
-        c.growth.update({"strategy": strategy, "target_depth": target, "base_checkpoint": ""})
+        c.growth.update({"strategy": strategy, "target_depth": depth, "base_checkpoint": ""})
         c.steps = grown_steps
         if quick:
             c.update({"batch_size": 8, "eval_batches": 1})
@@ -97,7 +105,11 @@ def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, 
         c.seed = seed
         c.sampling.num_prompts = s["grid_prompts"]
         c.sample_every = c.eval_every = max(1, c.steps // max(1, s["curve_points"] // 2))
-        configs[strategy] = c
+        return c
+
+    configs = {"base": base, **{strategy: after_base(strategy, target) for strategy in s["strategies"]}}
+    # Partial preservation to the base's own depth adds no block: the same model, trained on by the same recipe.
+    configs[CONTINUED] = after_base("partial_preservation", base.model.overrides["depth"])
 
     scratch = copy.deepcopy(base)
     scratch.steps = math.ceil((base.steps * base.model.overrides["depth"] + grown_steps * target) / target)
@@ -151,9 +163,11 @@ def first_reach(compute: np.ndarray, values: np.ndarray, level: float) -> float 
 
 def paired_differences(results: dict) -> dict[str, dict]:
     """Seed-paired differences of final overall accuracy and held-out loss, with t-intervals: every grown arm
-    against scratch and against the base, and the other strategies against partial preservation."""
+    against scratch, the base and the continued base, the continued base against the base, and the other
+    strategies against partial preservation."""
     strategies = results["settings"]["strategies"]
-    pairs = [(arm, other) for arm in strategies for other in ("scratch", "base")]
+    pairs = [(arm, other) for arm in strategies for other in ("scratch", "base", CONTINUED)]
+    pairs.append((CONTINUED, "base"))
     if "partial_preservation" in strategies:
         pairs += [("partial_preservation", arm) for arm in strategies if arm != "partial_preservation"]
     final = results["final"]
@@ -162,11 +176,11 @@ def paired_differences(results: dict) -> dict[str, dict]:
 
 
 def arm_path(results: dict, arm: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """An arm's seed-mean curve of `metric` over compute; a grown arm's path is its base's, then its own from the
-    model right after the surgery (at the base's final compute)."""
+    """An arm's seed-mean curve of `metric` over compute; a grown (or continued) arm's path is its base's, then
+    its own from the model right after the surgery (at the base's final compute)."""
     curve = results["curves"][arm]
     compute, values = np.asarray(curve["compute"]), np.asarray(curve[metric])
-    if arm in results["settings"]["strategies"]:
+    if arm in arms_from_base(results):
         base = results["curves"]["base"]
         return np.concatenate([base["compute"], compute]), np.concatenate([base[metric], values])
     return compute, values
@@ -193,7 +207,8 @@ def plot(results: dict, path: Path) -> None:
     depths, seeds = results["depths"], results["settings"]["seeds"]
     over_seeds = f"mean of {seeds} seed{'s' * (seeds > 1)}"
     for arm in results["final"]:
-        label = {"base": f"{depths['base']}-block base", "scratch": f"{depths['target']} blocks from scratch"}.get(
+        label = {"base": f"{depths['base']}-block base", "scratch": f"{depths['target']} blocks from scratch",
+                 CONTINUED: f"{depths['base']}-block base continued, not grown"}.get(
             arm, f"grown to {depths['target']}: {arm}")
         for ax, metric in ((ax_loss, "eval_loss"), (ax_accuracy, "sample_accuracy")):
             compute, values = arm_path(results, arm, metric)
@@ -240,7 +255,7 @@ def main(argv: list[str]) -> None:
         seed_dir = workdir / f"seed{seed}"
         for arm, config in configs.items():
             folder = seed_dir / arm
-            if arm in s["strategies"]:  # the grown arms continue from the shared base (and its optimizer state)
+            if arm in (*s["strategies"], CONTINUED):  # these continue from the shared base (and optimizer state)
                 folder.mkdir(parents=True, exist_ok=True)
                 if not (folder / "base").exists():
                     (folder / "base").symlink_to(Path("..") / "base", target_is_directory=True)
@@ -259,7 +274,7 @@ def main(argv: list[str]) -> None:
         runs = [read_curves(workdir / f"seed{seed}" / arm) for seed in range(s["seeds"])]
         steps = [step for step, _ in runs[0]["sample_accuracy"]]
         depth, offset = ((base_depth, 0) if arm == "base" else (target, 0) if arm == "scratch"
-                         else (target, configs["base"].steps * base_depth))
+                         else (base_depth if arm == CONTINUED else target, configs["base"].steps * base_depth))
         results["curves"][arm] = {
             "steps": steps, "compute": [offset + step * depth for step in steps],
             **{metric: np.mean([[v for _, v in r[metric]] for r in runs], axis=0).tolist()
@@ -284,7 +299,7 @@ def main(argv: list[str]) -> None:
     for arm, final in results["final"].items():
         curve = results["curves"][arm]
         overall = final["overall"]
-        print(f"| {arm} | {base_depth if arm == 'base' else target} | {results['steps'][arm]} | "
+        print(f"| {arm} | {base_depth if arm in ('base', CONTINUED) else target} | {results['steps'][arm]} | "
               f"{curve['compute'][-1]} | {final['final_eval_loss']['mean']:.4f} | {overall['mean']:.3f} "
               f"({overall['low']:.3f}-{overall['high']:.3f}) | "
               + " | ".join(f"{final[t]['mean']:.2f}" for t in results["tasks"]) + " |")
