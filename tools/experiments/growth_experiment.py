@@ -55,14 +55,19 @@ _QUICK = flags.DEFINE_bool("quick", False, "a few minutes' smoke run: one seed, 
 _OUT_JSON = flags.DEFINE_string("out_json", "docs/growth.json", "where the numbers go")
 _OUT_PNG = flags.DEFINE_string("out_png", "docs/growth.png", "where the figure goes")
 
-ARM_COLORS = {"base": "tab:blue", "scratch": "tab:gray", "partial_preservation": "tab:orange", "cyclic": "tab:green",
-              "block_expand": "tab:purple", "continued": "tab:red"}
 CONTINUED = "continued"  # the base trained on by the grown stage's recipe without growing
+ARM_COLORS = {"base": "tab:blue", "scratch": "tab:gray", "partial_preservation": "tab:orange", "cyclic": "tab:green",
+              "block_expand": "tab:purple", CONTINUED: "tab:red"}
 
 
-def arms_from_base(results: dict) -> list[str]:
+def arms_from_base(settings: dict) -> list[str]:
     """The arms that start from the trained base: the grown ones and the continued control."""
-    return [*results["settings"]["strategies"], CONTINUED]
+    return [*settings["strategies"], CONTINUED]
+
+
+def arm_depth(config: ConfigDict) -> int:
+    """The depth an arm trains at: its growth target, or its own model's depth."""
+    return config.growth.target_depth if config.get("growth") else config.model.overrides["depth"]
 
 
 def settings() -> dict:
@@ -180,7 +185,7 @@ def arm_path(results: dict, arm: str, metric: str) -> tuple[np.ndarray, np.ndarr
     its own from the model right after the surgery (at the base's final compute)."""
     curve = results["curves"][arm]
     compute, values = np.asarray(curve["compute"]), np.asarray(curve[metric])
-    if arm in arms_from_base(results):
+    if arm in arms_from_base(results["settings"]):
         base = results["curves"]["base"]
         return np.concatenate([base["compute"], compute]), np.concatenate([base[metric], values])
     return compute, values
@@ -255,7 +260,7 @@ def main(argv: list[str]) -> None:
         seed_dir = workdir / f"seed{seed}"
         for arm, config in configs.items():
             folder = seed_dir / arm
-            if arm in (*s["strategies"], CONTINUED):  # these continue from the shared base (and optimizer state)
+            if arm in arms_from_base(s):  # these continue from the shared base (and its optimizer state)
                 folder.mkdir(parents=True, exist_ok=True)
                 if not (folder / "base").exists():
                     (folder / "base").symlink_to(Path("..") / "base", target_is_directory=True)
@@ -273,8 +278,8 @@ def main(argv: list[str]) -> None:
     for arm in configs:
         runs = [read_curves(workdir / f"seed{seed}" / arm) for seed in range(s["seeds"])]
         steps = [step for step, _ in runs[0]["sample_accuracy"]]
-        depth, offset = ((base_depth, 0) if arm == "base" else (target, 0) if arm == "scratch"
-                         else (base_depth if arm == CONTINUED else target, configs["base"].steps * base_depth))
+        depth = arm_depth(configs[arm])
+        offset = configs["base"].steps * base_depth if arm in arms_from_base(s) else 0
         results["curves"][arm] = {
             "steps": steps, "compute": [offset + step * depth for step in steps],
             **{metric: np.mean([[v for _, v in r[metric]] for r in runs], axis=0).tolist()
@@ -299,7 +304,7 @@ def main(argv: list[str]) -> None:
     for arm, final in results["final"].items():
         curve = results["curves"][arm]
         overall = final["overall"]
-        print(f"| {arm} | {base_depth if arm in ('base', CONTINUED) else target} | {results['steps'][arm]} | "
+        print(f"| {arm} | {arm_depth(configs[arm])} | {results['steps'][arm]} | "
               f"{curve['compute'][-1]} | {final['final_eval_loss']['mean']:.4f} | {overall['mean']:.3f} "
               f"({overall['low']:.3f}-{overall['high']:.3f}) | "
               + " | ".join(f"{final[t]['mean']:.2f}" for t in results["tasks"]) + " |")
