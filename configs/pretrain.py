@@ -39,4 +39,6 @@ def get_config() -> ConfigDict:
     c.sampling.num_prompts = 120  # 20 per task
     c.sampling.shift = 6.0
     c.sampling.guidance_scale = 1.5
+    # 10 Flow-DPM-Solver steps score as 20 do on the trained models, at half the sampling time (docs/shapes_model.md).
+    c.sampling.num_steps = 10
     return c

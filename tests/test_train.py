@@ -388,6 +388,22 @@ def test_came_state_carried_into_came_8bit_is_stored_in_8_bits():
                                       np.asarray(grown.inner_state[1][0].nu["blocks"]["kernel"].v_row))
 
 
+def test_came_b3_from_the_config_sets_the_instability_decay():
+    from sana_jax.trainer.optimizers import make_optimizer
+
+    rng = np.random.default_rng(2)
+    params = {"kernel": jnp.asarray(rng.normal(size=(16, 24)), jnp.float32)}
+    grads = {"kernel": jnp.asarray(rng.normal(size=(16, 24)), jnp.float32)}
+    res_rows = {}
+    for b3 in (0.5, 0.9999):
+        tx = make_optimizer(tiny_config(**{"optimizer.b3": b3}).optimizer, 10)
+        _, state = tx.update(grads, tx.init(params), params)
+        res_rows[b3] = np.asarray(state.inner_state[1][0].nu["kernel"].res_row)
+    # From a zero state the first instability EMA is (1 - b3) times a value that does not depend on b3.
+    assert np.all(res_rows[0.9999] > 0)
+    np.testing.assert_allclose(res_rows[0.5] / res_rows[0.9999], 0.5 / 1e-4, rtol=1e-3)
+
+
 def _saved_state(checkpoints: Path, step: int) -> dict:
     import orbax.checkpoint as ocp
 
