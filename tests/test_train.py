@@ -402,6 +402,12 @@ def test_came_b3_from_the_config_sets_the_instability_decay():
     # From a zero state the first instability EMA is (1 - b3) times a value that does not depend on b3.
     assert np.all(res_rows[0.9999] > 0)
     np.testing.assert_allclose(res_rows[0.5] / res_rows[0.9999], 0.5 / 1e-4, rtol=1e-3)
+    # A hand-written section without b3 or eight_bit_scheme (as in a notebook) takes SANA's b3 = 0.9999.
+    section = tiny_config().optimizer.to_dict()
+    del section["b3"], section["eight_bit_scheme"]
+    tx = make_optimizer(ConfigDict(section), 10)
+    _, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(state.inner_state[1][0].nu["kernel"].res_row), res_rows[0.9999])
 
 
 def _saved_state(checkpoints: Path, step: int) -> dict:

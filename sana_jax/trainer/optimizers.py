@@ -26,8 +26,8 @@ def learning_rate_schedule(config: ConfigDict, total_steps: int) -> optax.Schedu
 
 
 def make_optimizer(config: ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """config: the `optimizer` section (name, lr, schedule, warmup_steps, end_lr, weight_decay, b1, b2, b3,
-    clip_grad_norm, eight_bit_scheme; see `sana_jax.trainer.config.default_config`).
+    """config: the `optimizer` section (name, lr, schedule, warmup_steps, end_lr, weight_decay, b1, b2,
+    clip_grad_norm, and optionally b3 and eight_bit_scheme, `came`'s own defaults when absent).
 
     Non-finite gradients skip the whole update (`optax.apply_if_finite`), which counts them in its state.
     """
@@ -35,9 +35,11 @@ def make_optimizer(config: ConfigDict, total_steps: int) -> optax.GradientTransf
     if config.name == "adamw":
         inner = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     else:
-        inner = came(schedule, b1=config.b1, b2=config.b2, b3=config.b3,
-                     weight_decay=config.weight_decay, eight_bit=config.name == "came_8bit",
-                     scheme=EIGHT_BIT_SCHEMES[config.eight_bit_scheme])
+        optional = {"b3": config.b3} if "b3" in config else {}
+        if "eight_bit_scheme" in config:
+            optional["scheme"] = EIGHT_BIT_SCHEMES[config.eight_bit_scheme]
+        inner = came(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                     eight_bit=config.name == "came_8bit", **optional)
     clip = [optax.clip_by_global_norm(config.clip_grad_norm)] if config.clip_grad_norm > 0 else []
     # A huge error budget: the update is never applied with non-finite values; the trainer decides when
     # to stop from the count of consecutive skips.
