@@ -99,6 +99,32 @@ def test_unrolled_block_loop_changes_nothing(model):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_batch_splits_change_nothing(model):
+    params, _ = model
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 6, 10, 4)).astype(np.float32)
+    t = np.array([999.0, 17.0, 500.0, 3.0, 250.0], np.float32)
+    text = rng.standard_normal((5, 5, 12)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0], [1] * 5, [1, 1, 0, 0, 0]])
+    fwd = jax.jit(forward, static_argnums=1)
+    expected = fwd(params, CONFIG, x, t, text, mask)
+    # Parts of 2, 2 and 1 examples; more parts than examples run one example each.
+    for splits in (3, 8):
+        np.testing.assert_allclose(fwd(params, dataclasses.replace(CONFIG, batch_splits=splits), x, t, text, mask),
+                                   expected, atol=1e-6)
+    loss = lambda cfg: jax.jit(jax.value_and_grad(lambda p: jnp.mean(forward(p, cfg, x, t, text, mask) ** 2)))
+    ref_loss, ref_grads = loss(CONFIG)(params)
+    got_loss, got_grads = loss(dataclasses.replace(CONFIG, batch_splits=3))(params)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_batch_splits_are_named():
+    with pytest.raises(ValueError, match="SanaConfig.batch_splits=0: expected a positive integer"):
+        dataclasses.replace(CONFIG, batch_splits=0)
+
+
 def test_hidden_states_bracket_every_block(model):
     params, (x, t, text, mask) = model
     out, hidden = forward_with_hidden(params, CONFIG, x, t, text, mask)

@@ -206,7 +206,8 @@ from sana_jax.trainer import train
 results = {{}}
 for data, fsdp in [(1, 1), (8, 1), (2, 4), (1, 8)]:
     devices = 1 if (data, fsdp) == (1, 1) else 8
-    config = tiny_config(steps=3, **{{"mesh.data": data, "mesh.fsdp": fsdp}})
+    # Two sub-batches on one device; a mesh of several devices splits the batch itself and drops them.
+    config = tiny_config(steps=3, **{{"mesh.data": data, "mesh.fsdp": fsdp, "model.overrides.batch_splits": 2}})
     workdir = {workdir!r} + f"/{{data}}x{{fsdp}}"
     if devices == 1:
         # one device: a mesh of the first device only
@@ -420,10 +421,15 @@ def _saved_state(checkpoints: Path, step: int) -> dict:
 @pytest.mark.slow
 def test_growth_carries_the_base_optimizer_state(tmp_path):
     """After one step of the grown stage, CAME's row/column statistics of the kept blocks are b2 = 0.999 times
-    the base's final ones plus a positive term; a fresh state would hold the positive term alone."""
+    the base's final ones plus a positive term; a fresh state would hold the positive term alone. How each stage
+    runs its model (here `batch_splits`) follows that stage's config."""
     from sana_jax.trainer import run
 
-    run(_staged("growth", "carry"), tmp_path)
+    config = _staged("growth", "carry", **{"model.overrides.batch_splits": 2})
+    config.model.overrides.batch_splits = 1  # how a stage runs its model is its own, as in configs/grow.py
+    run(config, tmp_path)
+    assert checkpoint.load_config(tmp_path / "base" / "model").batch_splits == 2
+    assert checkpoint.load_config(tmp_path / "model").batch_splits == 1
     base = _saved_state(tmp_path / "base" / "checkpoints", 3)["opt_state"]
     grown = _saved_state(tmp_path / "checkpoints", 1)["opt_state"]
     assert int(base["inner_state"][1][1]["count"]) == 3

@@ -481,8 +481,19 @@ def forward(params: dict, config: SanaConfig, latents: jax.Array, timesteps: jax
       timesteps: (B,) model timesteps, sigma * 1000 truncated to integers.
       text: (B, L, C_text) caption features; text_mask: (B, L) of 0/1 (0: the token is ignored, whatever
         its features hold).
+
+    With `config.batch_splits` > 1 the batch runs as that many near-equal parts, concatenated; the same
+    numbers up to float32 rounding.
     """
-    return SanaTransformer(config).apply({"params": params}, latents, timesteps, text, text_mask)
+    model = SanaTransformer(config)
+    batch = jnp.shape(latents)[0]
+    if config.batch_splits == 1 or batch < 2:
+        return model.apply({"params": params}, latents, timesteps, text, text_mask)
+    _check_inputs(latents, timesteps, text, text_mask)
+    bounds = np.linspace(0, batch, min(config.batch_splits, batch) + 1).round().astype(int)
+    parts = [model.apply({"params": params}, *(a[start:stop] for a in (latents, timesteps, text, text_mask)))
+             for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+    return jnp.concatenate(parts, axis=0)
 
 
 def forward_with_hidden(params: dict, config: SanaConfig, latents: jax.Array, timesteps: jax.Array,

@@ -37,7 +37,7 @@ CHECKPOINT_DIR = "checkpoints"
 UNRESTORABLE_DIR = "checkpoints_unrestorable"  # checkpoints that failed to restore, moved out of the way
 MODEL_DIR = "model"  # the final weights (EMA when enabled) as a sana_jax.checkpoint
 # SanaConfig fields that say how the model runs, not what it is: a resumed run takes them from the config.
-RUNTIME_FIELDS = ("compute_dtype", "remat", "attention_impl", "unroll_blocks")
+RUNTIME_FIELDS = ("compute_dtype", "remat", "attention_impl", "unroll_blocks", "batch_splits")
 
 
 class WorkdirError(ValueError):
@@ -253,10 +253,15 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
         model_config = planned
         if params is None and config.init_checkpoint:
             _, params = sana_checkpoint.load(config.init_checkpoint)
-    model_config = dataclasses.replace(model_config, compute_dtype=config.training.compute_dtype,
-                                       remat=config.training.remat)
+    # How the model runs follows this stage's config, also where the model comes from a base or a surgery.
+    runtime = {name: value for name, value in dict(config.model.overrides).items() if name in RUNTIME_FIELDS}
+    model_config = dataclasses.replace(model_config, **{**runtime, "compute_dtype": config.training.compute_dtype,
+                                                        "remat": config.training.remat})
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if mesh.size > 1:
+        # The mesh runs the batch in parts already; sliced further, a sharded batch would move between devices.
+        model_config = dataclasses.replace(model_config, batch_splits=1)
     tx = make_optimizer(config.optimizer, config.steps)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
     use_ema = config.training.ema_decay > 0

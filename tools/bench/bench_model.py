@@ -109,6 +109,8 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", COMPUTE_DTYPES, "
 _REMAT = flags.DEFINE_enum("remat", "none", REMAT_POLICIES, "rematerialisation policy")
 _UNROLL = flags.DEFINE_bool("unroll_blocks", None, "an unrolled loop over blocks instead of a scan "
                             "(default: the preset's or the config's)")
+_BATCH_SPLITS = flags.DEFINE_integer("batch_splits", None, "the batch as this many independent parts "
+                                     "(default: the preset's or the config's)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls")
 _DIFFUSERS = flags.DEFINE_bool("diffusers", False, "also time diffusers on the same config")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "with --diffusers, add torch.compile")
@@ -128,6 +130,8 @@ def benchmark_setup() -> tuple:
     model = dataclasses.replace(setup[0], compute_dtype=_COMPUTE_DTYPE.value, remat=_REMAT.value)
     if _UNROLL.value is not None:
         model = dataclasses.replace(model, unroll_blocks=_UNROLL.value)
+    if _BATCH_SPLITS.value is not None:
+        model = dataclasses.replace(model, batch_splits=_BATCH_SPLITS.value)
     return (model, *setup[1:])
 
 
@@ -139,7 +143,8 @@ def main(argv: list[str]) -> None:
         rows.update({f"{k} (diffusers)" if "(" not in k else k.replace("(", "(diffusers ", 1): v for k, v in
                      bench_diffusers(config, batch, latent, text_len, _REPEATS.value, _TORCH_COMPILE.value).items()})
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
-          f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.unroll_blocks else 'scanned'} blocks) "
+          f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.unroll_blocks else 'scanned'} blocks, "
+          f"{config.batch_splits} batch part(s)) "
           f"batch={batch} latent={latent}x{latent} text_len={text_len} dtype={config.compute_dtype}")
     print(f"{'what':<44} {'ms':>10} {'images/s':>10} {'TFLOP/s':>9}")
     for name, row in rows.items():
