@@ -23,8 +23,7 @@ def get_config() -> ConfigDict:
     # halves of the batch as independent computations 1.15x (docs/performance.md).
     c.model.preset = "tiny"
     c.model.overrides = {"depth": 4, "num_heads": 2, "head_dim": 32, "cross_num_heads": 2, "cross_head_dim": 32,
-                         "caption_norm_init": 1.0, "unroll_blocks": True,
-                         "batch_splits": 2}
+                         "caption_norm_init": 1.0, "unroll_blocks": True, "batch_splits": 2}
     c.data.resolution = 32
     # The domain's flat shapes live in a few principal components of each 4x4 patch: 16 of the 48
     # space-to-depth channels (docs/shapes_model.md: clean shapes instead of speckle, 2x the accuracy).

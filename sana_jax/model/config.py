@@ -55,7 +55,7 @@ class SanaConfig:
     unroll_blocks: bool = False
     # Run the batch as this many sub-batches, independent computations of one program (results concatenated):
     # XLA's CPU runtime runs each elementwise kernel on one core but independent kernels on different cores,
-    # so on CPU 2 parts train about 1.2x faster (docs/performance.md). Leave 1 on accelerators.
+    # so on CPU 2 parts train about 1.15x faster (docs/performance.md). Leave 1 on accelerators.
     batch_splits: int = 1
     # Initialisation of the caption RMSNorm weight (SANA trains with 0.01).
     caption_norm_init: float = 0.01
