@@ -1,6 +1,7 @@
 """The shapes domain: grammar, renderer geometry, and the checker against the renderer's ground truth."""
 
 import collections
+import copy
 
 import numpy as np
 import pytest
@@ -75,6 +76,22 @@ def test_samples_are_determined_by_seed_and_index():
     np.testing.assert_array_equal(a.image, b.image)
     assert not np.array_equal(a.image, shapes.make_sample(4, 17).image)
     assert a.image.shape == (32, 32, 3) and a.image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_render_is_the_whole_frame_alpha_blend(size):
+    """Each object over the whole frame: image (1 - coverage) + jittered colour x coverage, to the bit."""
+    for index in range(3 * len(shapes.TASKS)):
+        rng, spec = shapes._draw_spec(5, index, shapes.TASKS)
+        objects = shapes.layout(spec, rng, size)
+        stream = copy.deepcopy(rng)
+        expected = shapes._background(stream, size)
+        for obj in objects:
+            alpha = shapes.coverage(obj.shape, obj.box, size)[..., None]
+            color = np.array(shapes.COLORS[obj.color]) + stream.uniform(-10, 10, size=3)
+            expected = expected * (1.0 - alpha) + color * alpha
+        expected = np.clip(np.rint(expected), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(shapes.render(objects, rng, size), expected)
 
 
 @pytest.mark.parametrize("shape, fill", [

@@ -14,6 +14,7 @@ Image coordinates are pixels, x to the right and y down; a box is (x0, y0, x1, y
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 
@@ -312,16 +313,23 @@ def _inside(shape: str, box: tuple[float, float, float, float], x: np.ndarray, y
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def coverage(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
-    """Fraction of each pixel covered by `shape` in `box`: (size, size) float32 in [0, 1]."""
+def _window_coverage(shape: str, box: tuple[float, float, float, float],
+                     size: int) -> tuple[int, int, np.ndarray]:
+    """Coverage of the pixels under `box`: (row, column, (h, w) float32) of the window's top-left corner."""
     s = _SUPERSAMPLE
     c0, r0 = max(int(box[0]), 0), max(int(box[1]), 0)
     c1, r1 = min(int(np.ceil(box[2])), size), min(int(np.ceil(box[3])), size)
     xs = c0 + (np.arange((c1 - c0) * s, dtype=np.float32) + 0.5) / s
     ys = r0 + (np.arange((r1 - r0) * s, dtype=np.float32) + 0.5) / s
     mask = _inside(shape, box, xs[None, :], ys[:, None])
+    return r0, c0, mask.reshape(r1 - r0, s, c1 - c0, s).mean(axis=(1, 3), dtype=np.float32)
+
+
+def coverage(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """Fraction of each pixel covered by `shape` in `box`: (size, size) float32 in [0, 1]."""
+    r0, c0, window = _window_coverage(shape, box, size)
     alpha = np.zeros((size, size), np.float32)
-    alpha[r0:r1, c0:c1] = mask.reshape(r1 - r0, s, c1 - c0, s).mean(axis=(1, 3), dtype=np.float32)
+    alpha[r0:r0 + window.shape[0], c0:c0 + window.shape[1]] = window
     return alpha
 
 
@@ -353,24 +361,35 @@ def layout(spec: PromptSpec, rng: np.random.Generator, size: int) -> tuple[Scene
                          for t, c, box in zip(things, colors, chosen, strict=True))
 
 
+@functools.cache
+def _ramp(size: int) -> np.ndarray:
+    """The background gradient's profile across the image: (size,) float64 from -0.5 to 0.5."""
+    ramp = np.linspace(-0.5, 0.5, size)
+    ramp.flags.writeable = False
+    return ramp
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A light, slightly tinted background with a gentle gradient and noise: (size, size, 3) float."""
     base = rng.uniform(215.0, 245.0) + rng.uniform(-6.0, 6.0, size=3)
     angle = rng.uniform(0, 2 * np.pi)
-    ramp = np.linspace(-0.5, 0.5, size)
+    ramp = _ramp(size)
     gradient = rng.uniform(0.0, 16.0) * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None])
-    noise = rng.normal(0.0, 2.0, size=(size, size, 3))
-    return base + gradient[..., None] + noise
+    image = rng.normal(0.0, 2.0, size=(size, size, 3))  # the noise, then the sum in place
+    image += base + gradient[..., None]
+    return image
 
 
 def render(objects: Sequence[SceneObject], rng: np.random.Generator, size: int) -> np.ndarray:
     """Draws `objects` (anti-aliased, colour-jittered) on a random background: (size, size, 3) uint8."""
     image = _background(rng, size)
     for obj in objects:
-        alpha = coverage(obj.shape, obj.box, size)[..., None]
+        r0, c0, window = _window_coverage(obj.shape, obj.box, size)
+        alpha = window[..., None]  # outside the box alpha is 0 and the blend leaves the pixels as they are
         color = np.array(COLORS[obj.color]) + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
-        image = image * (1.0 - alpha) + color * alpha
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        under = image[r0:r0 + alpha.shape[0], c0:c0 + alpha.shape[1]]
+        under[...] = under * (1.0 - alpha) + color * alpha
+    return np.clip(np.rint(image, out=image), 0, 255, out=image).astype(np.uint8)
 
 
 def _draw_spec(seed: int, index: int, tasks: Sequence[str]) -> tuple[np.random.Generator, PromptSpec]:
