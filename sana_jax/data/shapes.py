@@ -315,7 +315,7 @@ def _inside(shape: str, box: tuple[float, float, float, float], x: np.ndarray, y
 
 def _window_coverage(shape: str, box: tuple[float, float, float, float],
                      size: int) -> tuple[int, int, np.ndarray]:
-    """Coverage of the pixels under `box`: (row, column, (h, w) float32) of the window's top-left corner."""
+    """Coverage of the pixels under `box`: the window's top row and left column, and its (h, w) float32 values."""
     s = _SUPERSAMPLE
     c0, r0 = max(int(box[0]), 0), max(int(box[1]), 0)
     c1, r1 = min(int(np.ceil(box[2])), size), min(int(np.ceil(box[3])), size)
