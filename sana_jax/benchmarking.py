@@ -1,9 +1,9 @@
-"""The one wall-clock timer of the benchmarks in tools/bench/."""
+"""The wall-clock timers of the benchmarks in tools/bench/: one callable, or several in alternation."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -30,3 +30,23 @@ def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any] = jax.block_unti
         sync(out)
         samples.append((time.perf_counter() - start) / inner)
     return 1e3 * float(np.median(samples))
+
+
+def interleaved_ms(fns: Mapping[str, tuple[Callable[[], Any], Callable[[Any], Any]]], *, rounds: int = 3,
+                   repeats: int = 5, warmup: int = 2) -> dict[str, list[float]]:
+    """Times several `(fn, sync)` pairs in alternation: name -> one `median_ms` per round, in ms.
+
+    Each round times every pair in turn (`repeats` calls each), so a host whose speed drifts during the run
+    (other tenants, clock changes) slows all of them alike and their per-round ratios stay comparable.
+    `warmup` untimed calls of each pair come first, once.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    for fn, sync in fns.values():
+        for _ in range(warmup):
+            sync(fn())
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, (fn, sync) in fns.items():
+            samples[name].append(median_ms(fn, sync, warmup=0, repeats=repeats))
+    return samples

@@ -1,11 +1,11 @@
-"""sana_jax.benchmarking.median_ms: the benchmarks' one timer."""
+"""sana_jax.benchmarking: the benchmarks' timers."""
 
 import time
 
 import jax.numpy as jnp
 import pytest
 
-from sana_jax.benchmarking import median_ms
+from sana_jax.benchmarking import interleaved_ms, median_ms
 
 
 def test_median_ms_counts_calls_syncs_and_reports_milliseconds():
@@ -29,3 +29,25 @@ def test_median_ms_blocks_on_jax_outputs_by_default():
 def test_median_ms_rejects_no_samples():
     with pytest.raises(ValueError, match="repeats"):
         median_ms(lambda: None, repeats=0)
+
+
+def test_interleaved_ms_alternates_the_calls_round_by_round():
+    order = []
+
+    def call(name, seconds):
+        def fn():
+            order.append(name)
+            time.sleep(seconds)
+            return name
+        return fn
+
+    fns = {"a": (call("a", 0.001), lambda _: None), "b": (call("b", 0.02), lambda _: None)}
+    samples = interleaved_ms(fns, rounds=3, repeats=2, warmup=1)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-ups, then each round times a, then b
+    assert list(samples) == ["a", "b"] and all(len(v) == 3 for v in samples.values())
+    assert all(b > a for a, b in zip(samples["a"], samples["b"], strict=True))  # 20 ms sleeps read longer than 1 ms
+
+
+def test_interleaved_ms_rejects_no_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_ms({"a": (lambda: None, lambda _: None)}, rounds=0)

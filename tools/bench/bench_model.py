@@ -2,7 +2,8 @@
 
 Prints ms per call, images/s and achieved TFLOP/s (XLA's own FLOP count of the compiled step) for a preset and
 batch; with --diffusers, also times diffusers' `SanaTransformer2DModel` (eager, and torch.compile with
---torch_compile) on the same configuration in the same run.
+--torch_compile) on the same configuration in the same run, the calls alternating round by round, and
+sana-jax's speed relative to each diffusers variant per round.
 
   python tools/bench/bench_model.py --preset=small --batch=8 --latent=16 --text_len=32 --diffusers
   python tools/bench/bench_model.py --config=configs/pretrain.py --diffusers      # the main job's model and batch
@@ -11,6 +12,7 @@ batch; with --diffusers, also times diffusers' `SanaTransformer2DModel` (eager, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -19,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sana_jax.benchmarking import median_ms
+from sana_jax.benchmarking import interleaved_ms
 from sana_jax.data.pipeline import DataConfig, element_shapes
 from sana_jax.model import forward, init_params, preset
 from sana_jax.model.config import COMPUTE_DTYPES, REMAT_POLICIES
@@ -33,7 +35,8 @@ def compiled_flops(jitted, *args) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def bench_jax(config, batch: int, latent: int, text_len: int, repeats: int) -> dict:
+def jax_calls(config, batch: int, latent: int, text_len: int) -> dict[str, tuple]:
+    """name -> (call, sync, XLA's FLOP count) of sana-jax's jitted forward and forward+backward."""
     key = jax.random.key(0)
     params = init_params(config, key)
     rng = np.random.default_rng(0)
@@ -48,17 +51,16 @@ def bench_jax(config, batch: int, latent: int, text_len: int, repeats: int) -> d
         return jnp.mean(jnp.square(forward(p, config, x, t, y, m) - x))
 
     fwd_bwd = jax.jit(jax.value_and_grad(loss))
-    results = {}
+    calls = {}
     for name, fn, args in (("forward", fwd, (params, config, latents, timesteps, text, mask)),
                            ("forward+backward", fwd_bwd, (params, latents, timesteps, text, mask))):
-        ms = median_ms(lambda fn=fn, args=args: fn(*args), repeats=repeats)
-        flops = compiled_flops(fn, *args)
-        results[name] = {"ms": ms, "images_per_s": batch / ms * 1e3,
-                         "tflops": flops / ms * 1e-9 if flops else None}
-    return results
+        calls[f"{name} (sana-jax)"] = (functools.partial(fn, *args), jax.block_until_ready,
+                                       compiled_flops(fn, *args))
+    return calls
 
 
-def bench_diffusers(config, batch: int, latent: int, text_len: int, repeats: int, compile_: bool) -> dict:
+def diffusers_calls(config, batch: int, latent: int, text_len: int, compile_: bool) -> dict[str, tuple]:
+    """name -> (call, sync, None) of diffusers' forward and forward+backward, eager (and torch.compile)."""
     import torch
     from diffusers import SanaTransformer2DModel
 
@@ -80,7 +82,7 @@ def bench_diffusers(config, batch: int, latent: int, text_len: int, repeats: int
         if device == "cuda":
             torch.cuda.synchronize()
 
-    results = {}
+    calls = {}
     variants = [("eager", model)]
     if compile_:
         variants.append(("torch.compile", torch.compile(model)))
@@ -95,9 +97,8 @@ def bench_diffusers(config, batch: int, latent: int, text_len: int, repeats: int
             torch.mean(torch.square(out - latents)).backward()
 
         for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-            ms = median_ms(fn, lambda _: sync(), repeats=repeats)
-            results[f"{name} ({label})"] = {"ms": ms, "images_per_s": batch / ms * 1e3, "tflops": None}
-    return results
+            calls[f"{name} (diffusers {label})"] = (fn, lambda _: sync(), None)
+    return calls
 
 
 _PRESET = flags.DEFINE_string("preset", "small", "model preset (ignored with --config)")
@@ -111,7 +112,9 @@ _UNROLL = flags.DEFINE_bool("unroll_blocks", None, "an unrolled loop over blocks
                             "(default: the preset's or the config's)")
 _BATCH_SPLITS = flags.DEFINE_integer("batch_splits", None, "the batch as this many independent parts "
                                      "(default: the preset's or the config's)")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls per round")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "rounds; each times every call in turn, so that a host whose speed "
+                               "drifts slows all of them alike")
 _DIFFUSERS = flags.DEFINE_bool("diffusers", False, "also time diffusers on the same config")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "with --diffusers, add torch.compile")
 _JSON = flags.DEFINE_string("json", None, "write the results here")
@@ -138,18 +141,31 @@ def benchmark_setup() -> tuple:
 def main(argv: list[str]) -> None:
     del argv
     config, batch, latent, text_len = benchmark_setup()
-    rows = {f"{k} (sana-jax)": v for k, v in bench_jax(config, batch, latent, text_len, _REPEATS.value).items()}
+    calls = jax_calls(config, batch, latent, text_len)
     if _DIFFUSERS.value:
-        rows.update({f"{k} (diffusers)" if "(" not in k else k.replace("(", "(diffusers ", 1): v for k, v in
-                     bench_diffusers(config, batch, latent, text_len, _REPEATS.value, _TORCH_COMPILE.value).items()})
+        calls.update(diffusers_calls(config, batch, latent, text_len, _TORCH_COMPILE.value))
+    samples = interleaved_ms({name: (fn, sync) for name, (fn, sync, _) in calls.items()},
+                             rounds=_ROUNDS.value, repeats=_REPEATS.value)
+    rows = {}
+    for name, (_, _, flops) in calls.items():
+        ms = float(np.median(samples[name]))
+        rows[name] = {"ms": ms, "ms_per_round": samples[name], "images_per_s": batch / ms * 1e3,
+                      "tflops": flops / ms * 1e-9 if flops else None}
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
           f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.unroll_blocks else 'scanned'} blocks, "
           f"{config.batch_splits} batch part(s)) "
-          f"batch={batch} latent={latent}x{latent} text_len={text_len} dtype={config.compute_dtype}")
+          f"batch={batch} latent={latent}x{latent} text_len={text_len} dtype={config.compute_dtype} "
+          f"rounds={_ROUNDS.value} x {_REPEATS.value} calls")
     print(f"{'what':<44} {'ms':>10} {'images/s':>10} {'TFLOP/s':>9}")
     for name, row in rows.items():
         tflops = f"{row['tflops']:.3f}" if row["tflops"] else "-"
         print(f"{name:<44} {row['ms']:>10.1f} {row['images_per_s']:>10.1f} {tflops:>9}")
+    for name in rows:  # sana-jax's speed relative to each diffusers variant, round by round
+        if "(diffusers" in name:
+            ours = np.asarray(samples[name.split(" (")[0] + " (sana-jax)"])
+            ratios = np.asarray(samples[name]) / ours
+            print(f"speed of sana-jax / {name}: median {np.median(ratios):.2f}x "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump({"model": dataclasses.asdict(config), "batch": batch, "latent": latent,

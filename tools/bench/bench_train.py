@@ -1,9 +1,11 @@
 """Times the training step of a config: steps/s, images/s, achieved TFLOP/s and (on GPU) MFU.
 
-The step is the trainer's own (flow-matching loss, optimizer, clipping, EMA) on one device, fed
-synthetic batches of the data's shapes so that input reading is not measured.
+The step is the trainer's own (flow-matching loss, optimizer, clipping, EMA) on one device. By default it is fed
+one synthetic batch of the data's shapes over and over, so that input reading is not measured; with
+--data=pipeline the config's own data pipeline feeds every step, as in the trainer, and the difference between
+the two is what reading and encoding the data costs the step (on a CPU host, its threads share the cores).
 
-  python tools/bench/bench_train.py --config=configs/pretrain.py
+  python tools/bench/bench_train.py --config=configs/pretrain.py [--data=pipeline]
   python tools/bench/bench_train.py --config=configs/sana1_5_1600m.py --batch=8 --config.data.data_dir=... (GPU)
 """
 
@@ -18,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sana_jax.benchmarking import median_ms
-from sana_jax.data.pipeline import DataConfig
+from sana_jax.data.pipeline import DataConfig, make_train_iterator
 from sana_jax.model import init_params
 from sana_jax.trainer.flow_matching import noise_levels
 from sana_jax.trainer.loop import model_config_for
@@ -28,6 +30,8 @@ from sana_jax.trainer.step import init_train_state, make_train_step
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "a training config")
 _BATCH = flags.DEFINE_integer("batch", 0, "batch size (0: the config's)")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps")
+_DATA = flags.DEFINE_enum("data", "synthetic", ["synthetic", "pipeline"],
+                          "what feeds the steps: one synthetic batch, or the config's data pipeline")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "the device's peak, for MFU (0: known GPUs only)")
 
 # Dense bf16 peaks of the cards this project is measured on.
@@ -55,6 +59,16 @@ def main(argv: list[str]) -> None:
                                                   model_config.caption_channels)), jnp.float32),
     }
     batch["text_mask"] = jnp.ones(batch["text"].shape[:2], jnp.int32)
+    if _DATA.value == "pipeline":
+        batches = make_train_iterator(config.data, seed=0, batch_size=batch_size, process_index=0, process_count=1)
+
+        def next_batch():
+            return {key: value for key, value in next(batches).items() if key in batch}
+
+        batch = next_batch()
+    else:
+        def next_batch():
+            return batch
 
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -65,7 +79,7 @@ def main(argv: list[str]) -> None:
     carry = [state]
 
     def train_step():  # threads the donated state through back-to-back steps
-        carry[0], metrics = compiled(carry[0], batch)
+        carry[0], metrics = compiled(carry[0], next_batch())
         return metrics
 
     seconds = median_ms(train_step, warmup=2, repeats=1, inner=_STEPS.value) / 1e3
@@ -75,7 +89,8 @@ def main(argv: list[str]) -> None:
     tflops = flops / seconds / 1e12
     print(f"device={device.device_kind} backend={jax.default_backend()} model={config.model.preset} "
           f"depth={model_config.depth} hidden={model_config.hidden} batch={batch_size} "
-          f"latent={side}x{side} optimizer={config.optimizer.name} dtype={model_config.compute_dtype}")
+          f"latent={side}x{side} optimizer={config.optimizer.name} dtype={model_config.compute_dtype} "
+          f"data={_DATA.value}")
     print(f"{'compile s':>10} {'ms/step':>9} {'steps/s':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
     mfu = f"{tflops / peak:.1%}" if peak else "-"
     print(f"{compile_s:>10.1f} {seconds * 1e3:>9.1f} {1 / seconds:>8.2f} {batch_size / seconds:>9.1f} "
