@@ -52,23 +52,25 @@ def main(argv: list[str]) -> None:
                                    grad_accum=config.training.grad_accum, ema_decay=config.training.ema_decay),
                    donate_argnums=0)
     side = model_config.sample_size
-    rng = np.random.default_rng(0)
-    batch = {
-        "latents": jnp.asarray(rng.standard_normal((batch_size, side, side, model_config.in_channels)), jnp.float32),
-        "text": jnp.asarray(rng.standard_normal((batch_size, 300 if model_config.caption_channels == 2304 else 16,
-                                                  model_config.caption_channels)), jnp.float32),
-    }
-    batch["text_mask"] = jnp.ones(batch["text"].shape[:2], jnp.int32)
-    if _DATA.value == "pipeline":
+    if _DATA.value == "pipeline":  # whole batches, as the trainer passes them (the step picks its keys)
         batches = make_train_iterator(config.data, seed=0, batch_size=batch_size, process_index=0, process_count=1)
 
         def next_batch():
-            return {key: value for key, value in next(batches).items() if key in batch}
-
-        batch = next_batch()
+            return next(batches)
     else:
+        rng = np.random.default_rng(0)
+        text_len = 300 if model_config.caption_channels == 2304 else 16
+        synthetic = {
+            "latents": jnp.asarray(rng.standard_normal((batch_size, side, side, model_config.in_channels)),
+                                   jnp.float32),
+            "text": jnp.asarray(rng.standard_normal((batch_size, text_len, model_config.caption_channels)),
+                                jnp.float32),
+            "text_mask": jnp.ones((batch_size, text_len), jnp.int32),
+        }
+
         def next_batch():
-            return batch
+            return synthetic
+    batch = next_batch()
 
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
