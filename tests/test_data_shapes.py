@@ -80,18 +80,35 @@ def test_samples_are_determined_by_seed_and_index():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_render_is_the_whole_frame_alpha_blend(size):
-    """Each object over the whole frame: image (1 - coverage) + jittered colour x coverage, to the bit."""
-    for index in range(3 * len(shapes.TASKS)):
-        rng, spec = shapes._draw_spec(5, index, shapes.TASKS)
-        objects = shapes.layout(spec, rng, size)
-        stream = copy.deepcopy(rng)
-        expected = shapes._background(stream, size)
+    """Each image: its stream's background, then each object over the whole frame, image (1 - coverage) +
+    jittered colour x coverage, to the bit; the images of a batch are drawn together."""
+    drawn = [shapes._draw_spec(5, index, shapes.TASKS) for index in range(3 * len(shapes.TASKS))]
+    streams = [rng for rng, _ in drawn]
+    scenes = shapes.layouts([spec for _, spec in drawn], streams, size)
+    references = [copy.deepcopy(rng) for rng in streams]
+    images = shapes.render(scenes, streams, size)
+    ramp = np.linspace(-0.5, 0.5, size)
+    for image, objects, stream in zip(images, scenes, references, strict=True):
+        base = stream.uniform(215.0, 245.0) + stream.uniform(-6.0, 6.0, size=3)
+        angle, strength = stream.uniform(0, 2 * np.pi), stream.uniform(0.0, 16.0)
+        gradient = strength * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None])
+        expected = stream.normal(0.0, 2.0, size=(size, size, 3)) + (base + gradient[..., None])
         for obj in objects:
             alpha = shapes.coverage(obj.shape, obj.box, size)[..., None]
             color = np.array(shapes.COLORS[obj.color]) + stream.uniform(-10, 10, size=3)
             expected = expected * (1.0 - alpha) + color * alpha
-        expected = np.clip(np.rint(expected), 0, 255).astype(np.uint8)
-        np.testing.assert_array_equal(shapes.render(objects, rng, size), expected)
+        np.testing.assert_array_equal(image, np.clip(np.rint(expected), 0, 255).astype(np.uint8))
+
+
+def test_a_sample_drawn_in_a_batch_is_the_sample_drawn_alone():
+    """Batch-mates do not change a sample: four-object counts (several rounds of candidate layouts), position
+    prompts and every other task, in one batch against one at a time."""
+    indices = [i for i in range(400) if i % 6 == 2 and shapes.make_sample(7, i).spec.count == 4][:4] + list(range(12))
+    together = shapes.make_samples(7, indices)
+    for index, sample in zip(indices, together, strict=True):
+        alone = shapes.make_sample(7, index)
+        assert (sample.prompt, sample.objects) == (alone.prompt, alone.objects)
+        np.testing.assert_array_equal(sample.image, alone.image)
 
 
 @pytest.mark.parametrize("shape, fill", [

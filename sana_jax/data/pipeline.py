@@ -154,22 +154,17 @@ def element_shapes(config: DataConfig, autoencoder: Autoencoder | None = None,
             "text": (text_encoder.max_length, text_encoder.feature_dim)}
 
 
-class ShapesSource:
-    """The shapes domain as a random-access source of {"image", "prompt", "prompt_id"}."""
+class RenderShapes:
+    """Batches sample indices of the shapes domain by drawing them together: b indices -> a raw batch
+    {"image": (b, size, size, 3) uint8, "prompt": b strings, "prompt_id": (b,) int64}."""
 
-    def __init__(self, seed: int, *, size: int = 32, tasks: Sequence[str] = shapes.TASKS,
-                 length: int = 100_000):
-        self.seed, self.size, self.tasks, self.length = seed, size, tuple(tasks), length
+    def __init__(self, seed: int, *, size: int = 32, tasks: Sequence[str] = shapes.TASKS):
+        self.seed, self.size, self.tasks = seed, size, tuple(tasks)
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = shapes.make_sample(self.seed, int(index), size=self.size, tasks=self.tasks)
-        return {"image": sample.image, "prompt": sample.prompt, "prompt_id": np.int64(index)}
-
-    def __repr__(self) -> str:
-        return f"ShapesSource(seed={self.seed}, size={self.size}, length={self.length})"
+    def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+        samples = shapes.make_samples(self.seed, indices, size=self.size, tasks=self.tasks)
+        return {"image": np.stack([s.image for s in samples]), "prompt": [s.prompt for s in samples],
+                "prompt_id": np.asarray(indices, np.int64)}
 
 
 def _lookup(example: Mapping[str, Any], key: str) -> Any:
@@ -231,9 +226,8 @@ def tfds_data_source(name: str, *, split: str, data_dir: str | None):
 
 
 def _source(config: DataConfig):
-    if config.source == "shapes":
-        return ShapesSource(config.domain_seed, size=config.resolution, tasks=config.tasks,
-                            length=config.epoch_size)
+    if config.source == "shapes":  # sample indices, drawn a batch at a time (`RenderShapes`)
+        return range(config.epoch_size)
     if config.source == "array_record":
         return records.RecordSource(records.shard_paths(config.data_dir))
     data_source = tfds_data_source(config.tfds_name, split=config.tfds_split, data_dir=config.tfds_data_dir)
@@ -296,7 +290,9 @@ def make_dataset(config: Mapping[str, Any] | DataConfig, *, seed: int, batch_siz
         raise ValueError(f"{source!r} has {len(source)} elements, fewer than {process_count} processes")
     ds = grain.MapDataset.source(source)[process_index * per_process:(process_index + 1) * per_process]
     ds = ds.seed(seed).shuffle().repeat(config.num_epochs)
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    render = (RenderShapes(config.domain_seed, size=config.resolution, tasks=config.tasks)
+              if config.source == "shapes" else None)
+    ds = ds.batch(batch_size // process_count, drop_remainder=True, batch_fn=render)
     if config.source == "array_record":
         ds = ds.map(_drop_captions_text)
     else:

@@ -297,10 +297,14 @@ def unmet_part(spec: PromptSpec, objects: Sequence[SceneObject]) -> str:
 # Renderer.
 
 
-def _inside(shape: str, box: tuple[float, float, float, float], x: np.ndarray, y: np.ndarray):
-    """Boolean mask of the points (x, y) inside `shape` drawn in `box`."""
-    x0, y0, x1, y1 = box
-    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+def _inside(shape: str, boxes: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which points lie inside `shape` drawn in each box: boxes (m, 4), x (m, 1, w), y (m, h, 1) -> (m, h, w) bool.
+
+    The box's centre and half sides are rounded to float32, the points' precision.
+    """
+    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
+    cx, cy = ((x0 + x1) / 2).astype(np.float32), ((y0 + y1) / 2).astype(np.float32)
+    hw, hh = ((x1 - x0) / 2).astype(np.float32), ((y1 - y0) / 2).astype(np.float32)
     u, v = (x - cx) / hw, (y - cy) / hh  # in [-1, 1] over the box
     if shape == "circle":
         return u * u + v * v <= 1.0
@@ -313,52 +317,81 @@ def _inside(shape: str, box: tuple[float, float, float, float], x: np.ndarray, y
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _window_coverage(shape: str, box: tuple[float, float, float, float],
-                     size: int) -> tuple[int, int, np.ndarray]:
-    """Coverage of the pixels under `box`: the window's top row and left column, and its (h, w) float32 values."""
+def _coverage_windows(objects: Sequence[SceneObject], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coverage of each object's pixels, in equal windows that lie inside the image.
+
+    Returns the windows' top rows and left columns, (m,) int, and their coverage, (m, h, w) float32 in [0, 1]:
+    h x w is the largest object's, and each window is zero outside the pixels under its object's box.
+    """
+    boxes = np.array([o.box for o in objects], np.float64).reshape(-1, 4)
+    top, left = np.maximum(boxes[:, 1].astype(int), 0), np.maximum(boxes[:, 0].astype(int), 0)
+    bottom = np.minimum(np.ceil(boxes[:, 3]).astype(int), size)
+    right = np.minimum(np.ceil(boxes[:, 2]).astype(int), size)
+    h, w = int((bottom - top).max(initial=1)), int((right - left).max(initial=1))
+    row0, col0 = np.minimum(top, size - h), np.minimum(left, size - w)
     s = _SUPERSAMPLE
-    c0, r0 = max(int(box[0]), 0), max(int(box[1]), 0)
-    c1, r1 = min(int(np.ceil(box[2])), size), min(int(np.ceil(box[3])), size)
-    xs = c0 + (np.arange((c1 - c0) * s, dtype=np.float32) + 0.5) / s
-    ys = r0 + (np.arange((r1 - r0) * s, dtype=np.float32) + 0.5) / s
-    mask = _inside(shape, box, xs[None, :], ys[:, None])
-    return r0, c0, mask.reshape(r1 - r0, s, c1 - c0, s).mean(axis=(1, 3), dtype=np.float32)
+    xs = col0[:, None, None].astype(np.float32) + (np.arange(w * s, dtype=np.float32) + 0.5) / s
+    ys = row0[:, None, None].astype(np.float32) + (np.arange(h * s, dtype=np.float32)[:, None] + 0.5) / s
+    windows = np.zeros((len(objects), h, w), np.float32)
+    names = np.array([o.shape for o in objects])
+    for shape in set(names):
+        chosen = np.flatnonzero(names == shape)
+        mask = _inside(shape, boxes[chosen], xs[chosen], ys[chosen])
+        windows[chosen] = mask.reshape(-1, h, s, w, s).mean(axis=(2, 4), dtype=np.float32)
+    rows, cols = row0[:, None] + np.arange(h), col0[:, None] + np.arange(w)
+    under_box = (((rows >= top[:, None]) & (rows < bottom[:, None]))[:, :, None]
+                 & ((cols >= left[:, None]) & (cols < right[:, None]))[:, None, :])
+    return row0, col0, windows * under_box
 
 
 def coverage(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
     """Fraction of each pixel covered by `shape` in `box`: (size, size) float32 in [0, 1]."""
-    r0, c0, window = _window_coverage(shape, box, size)
+    (row0,), (col0,), (window,) = _coverage_windows([SceneObject(shape, None, box)], size)
     alpha = np.zeros((size, size), np.float32)
-    alpha[r0:r0 + window.shape[0], c0:c0 + window.shape[1]] = window
+    alpha[row0:row0 + window.shape[0], col0:col0 + window.shape[1]] = window
     return alpha
 
 
-def layout(spec: PromptSpec, rng: np.random.Generator, size: int) -> tuple[SceneObject, ...]:
-    """Random objects (shapes, colours, boxes) that make `spec` true in a size x size image.
+def layouts(specs: Sequence[PromptSpec], streams: Sequence[np.random.Generator],
+            size: int) -> list[tuple[SceneObject, ...]]:
+    """Random objects (shapes, colours, boxes) that make each spec true in a size x size image, each drawn
+    from its own stream.
 
     Boxes are square, inside a margin and a gap apart; for the position task the stated relation
-    holds clearly (direction component beyond 0.75, the other one below 0.35).
+    holds clearly (direction component beyond 0.75, the other one below 0.35). Each spec draws the colours
+    its prompt leaves open, then batches of candidate layouts until one fits.
     """
-    things = list(spec.things) * spec.count if spec.task == "counting" else list(spec.things)
-    colors = [t.color or list(COLORS)[rng.integers(len(COLORS))] for t in things]
-    low, high = _SIDE_FEW if len(things) <= 2 else _SIDE_MANY
-    margin, gap, n = _MARGIN * size, _GAP * size, len(things)
-    while True:  # draw candidate layouts in batches until one fits
-        sides = rng.uniform(low * size, high * size, size=(_CANDIDATES, n, 1))
-        corners = margin + rng.random((_CANDIDATES, n, 2)) * (size - 2 * margin - sides)
-        boxes = np.concatenate([corners, corners + sides], axis=-1)
-        a, b = boxes[:, :, None, :], boxes[:, None, :, :]
-        apart = ((a[..., 0] >= b[..., 2] + gap) | (b[..., 0] >= a[..., 2] + gap)
-                 | (a[..., 1] >= b[..., 3] + gap) | (b[..., 1] >= a[..., 3] + gap))
-        fits = (apart | np.eye(n, dtype=bool)).all(axis=(1, 2))
-        if spec.task == "position":
-            axis = np.array(_RELATION_AXES[spec.relation])
-            direction = _direction(boxes[:, 0], boxes[:, 1])
-            fits &= (direction @ axis > _POSITION_ALONG) & (np.abs(direction @ axis[::-1]) < _POSITION_ACROSS)
-        if fits.any():
-            chosen = boxes[fits.argmax()]
-            return tuple(SceneObject(t.shape, c, tuple(float(v) for v in box))
-                         for t, c, box in zip(things, colors, chosen, strict=True))
+    things = [list(spec.things) * spec.count if spec.task == "counting" else list(spec.things) for spec in specs]
+    colors = [[t.color or list(COLORS)[rng.integers(len(COLORS))] for t in ts]
+              for ts, rng in zip(things, streams, strict=True)]
+    margin, gap = _MARGIN * size, _GAP * size
+    chosen: list[np.ndarray | None] = [None] * len(specs)
+    while pending := [i for i, box in enumerate(chosen) if box is None]:
+        candidates = {}
+        for i in pending:  # one batch of candidates per spec, from its stream
+            low, high = _SIDE_FEW if len(things[i]) <= 2 else _SIDE_MANY
+            sides = streams[i].uniform(low * size, high * size, size=(_CANDIDATES, len(things[i]), 1))
+            corners = margin + streams[i].random((_CANDIDATES, len(things[i]), 2)) * (size - 2 * margin - sides)
+            candidates[i] = np.concatenate([corners, corners + sides], axis=-1)
+        for n in {len(things[i]) for i in pending}:  # the specs with n objects at once
+            group = [i for i in pending if len(things[i]) == n]
+            boxes = np.stack([candidates[i] for i in group])  # (g, candidates, n, 4)
+            a, b = boxes[:, :, :, None, :], boxes[:, :, None, :, :]
+            apart = ((a[..., 0] >= b[..., 2] + gap) | (b[..., 0] >= a[..., 2] + gap)
+                     | (a[..., 1] >= b[..., 3] + gap) | (b[..., 1] >= a[..., 3] + gap))
+            fits = (apart | np.eye(n, dtype=bool)).all(axis=(2, 3))
+            position = np.array([specs[i].task == "position" for i in group])
+            if position.any():
+                axis = np.array([_RELATION_AXES[specs[i].relation] if p else (1.0, 0.0)
+                                 for i, p in zip(group, position, strict=True)])[:, None, :]
+                direction = _direction(boxes[:, :, 0], boxes[:, :, 1])
+                along, across = (direction * axis).sum(-1), (direction * axis[..., ::-1]).sum(-1)
+                fits &= ~position[:, None] | ((along > _POSITION_ALONG) & (np.abs(across) < _POSITION_ACROSS))
+            for k, i in enumerate(group):
+                if fits[k].any():
+                    chosen[i] = boxes[k, fits[k].argmax()]
+    return [tuple(SceneObject(t.shape, c, tuple(box)) for t, c, box in zip(ts, cs, boxes.tolist(), strict=True))
+            for ts, cs, boxes in zip(things, colors, chosen, strict=True)]
 
 
 @functools.cache
@@ -369,27 +402,38 @@ def _ramp(size: int) -> np.ndarray:
     return ramp
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A light, slightly tinted background with a gentle gradient and noise: (size, size, 3) float."""
-    base = rng.uniform(215.0, 245.0) + rng.uniform(-6.0, 6.0, size=3)
-    angle = rng.uniform(0, 2 * np.pi)
+def render(scenes: Sequence[Sequence[SceneObject]], streams: Sequence[np.random.Generator],
+           size: int) -> np.ndarray:
+    """Draws each scene on its own random background: (len(scenes), size, size, 3) uint8.
+
+    Image i takes from `streams[i]` its background (a light tint, a gentle gradient and noise), then a colour
+    jitter per object, and draws the objects of `scenes[i]` over it in order, anti-aliased.
+    """
+    n = len(scenes)
+    base, angle, strength = np.empty((n, 3)), np.empty(n), np.empty(n)
+    images = np.empty((n, size, size, 3))
+    colors = []
+    for i, (objects, rng) in enumerate(zip(scenes, streams, strict=True)):
+        base[i] = rng.uniform(215.0, 245.0) + rng.uniform(-6.0, 6.0, size=3)
+        angle[i], strength[i] = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 16.0)
+        images[i] = rng.normal(0.0, 2.0, size=(size, size, 3))
+        colors += [np.array(COLORS[o.color]) + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3) for o in objects]
     ramp = _ramp(size)
-    gradient = rng.uniform(0.0, 16.0) * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None])
-    image = rng.normal(0.0, 2.0, size=(size, size, 3))  # the noise, then the sum in place
-    image += base + gradient[..., None]
-    return image
-
-
-def render(objects: Sequence[SceneObject], rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draws `objects` (anti-aliased, colour-jittered) on a random background: (size, size, 3) uint8."""
-    image = _background(rng, size)
-    for obj in objects:
-        r0, c0, window = _window_coverage(obj.shape, obj.box, size)
-        alpha = window[..., None]  # outside the box alpha is 0 and the blend leaves the pixels as they are
-        color = np.array(COLORS[obj.color]) + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
-        under = image[r0:r0 + alpha.shape[0], c0:c0 + alpha.shape[1]]
-        under[...] = under * (1.0 - alpha) + color * alpha
-    return np.clip(np.rint(image, out=image), 0, 255, out=image).astype(np.uint8)
+    gradient = strength[:, None, None] * (np.cos(angle)[:, None, None] * ramp[None, None, :]
+                                          + np.sin(angle)[:, None, None] * ramp[None, :, None])
+    images += base[:, None, None, :] + gradient[..., None]
+    owner = np.repeat(np.arange(n), [len(objects) for objects in scenes])
+    order = np.concatenate([np.arange(len(objects)) for objects in scenes] + [np.zeros(0, int)])
+    rows, cols, windows = _coverage_windows([o for objects in scenes for o in objects], size)
+    h, w = windows.shape[1:]
+    for slot in range(order.max(initial=-1) + 1):  # each image's objects in order, all images at once
+        chosen = np.flatnonzero(order == slot)
+        where = (owner[chosen, None, None], rows[chosen, None, None] + np.arange(h)[:, None],
+                 cols[chosen, None, None] + np.arange(w))
+        alpha = windows[chosen, ..., None]  # 0 away from the object: the blend leaves those pixels as they are
+        color = np.stack([colors[k] for k in chosen])[:, None, None, :]
+        images[where] = images[where] * (1.0 - alpha) + color * alpha
+    return np.clip(np.rint(images, out=images), 0, 255, out=images).astype(np.uint8)
 
 
 def _draw_spec(seed: int, index: int, tasks: Sequence[str]) -> tuple[np.random.Generator, PromptSpec]:
@@ -400,13 +444,21 @@ def _draw_spec(seed: int, index: int, tasks: Sequence[str]) -> tuple[np.random.G
     return rng, sample_spec(rng, tasks[index % len(tasks)])
 
 
-def make_sample(seed: int, index: int, *, size: int = 32, tasks: Sequence[str] = TASKS) -> Sample:
-    """Sample `index` of the domain `seed`: task `tasks[index % len(tasks)]`, image size x size."""
+def make_samples(seed: int, indices: Sequence[int], *, size: int = 32, tasks: Sequence[str] = TASKS) -> list[Sample]:
+    """Samples `indices` of the domain `seed`, drawn together: each as `make_sample` draws it alone."""
     if size < MIN_SIZE:
         raise ValueError(f"image size {size} is too small; expected at least {MIN_SIZE}")
-    rng, spec = _draw_spec(seed, index, tasks)
-    objects = layout(spec, rng, size)
-    return Sample(format_prompt(spec), spec, render(objects, rng, size), objects)
+    drawn = [_draw_spec(seed, int(index), tasks) for index in indices]
+    streams, specs = [rng for rng, _ in drawn], [spec for _, spec in drawn]
+    scenes = layouts(specs, streams, size)
+    images = render(scenes, streams, size)
+    return [Sample(format_prompt(spec), spec, image, objects)
+            for spec, image, objects in zip(specs, images, scenes, strict=True)]
+
+
+def make_sample(seed: int, index: int, *, size: int = 32, tasks: Sequence[str] = TASKS) -> Sample:
+    """Sample `index` of the domain `seed`: task `tasks[index % len(tasks)]`, image size x size."""
+    return make_samples(seed, [index], size=size, tasks=tasks)[0]
 
 
 def prompts(seed: int, count: int, *, tasks: Sequence[str] = TASKS) -> list[str]:
