@@ -105,6 +105,36 @@ def test_resume_equals_uninterrupted_run(straight_run, tmp_path):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
 
 
+def test_several_steps_per_call_train_as_one_per_call(straight_run, tmp_path):
+    """`steps_per_call=4`: three calls of four steps make the same updates, held-out losses and (averaged over
+    each call's four steps) logged losses as the reference's twelve calls of one step."""
+    workdir, params = straight_run
+    _, grouped = train(tiny_config(**RUN, eval_every=12, eval_batches=1, steps_per_call=4, log_every=4,
+                                   checkpoint_every=4), tmp_path)
+    assert_trees_close(grouped, params, atol=1e-6)
+    reference = [m["loss"] for m in train_losses(workdir)]
+    assert [m["step"] for m in train_losses(tmp_path)] == [4, 8, 12]
+    np.testing.assert_allclose([m["loss"] for m in train_losses(tmp_path)],
+                               np.mean(np.reshape(reference, (3, 4)), axis=1), rtol=1e-6)
+    held_out = [[m["eval_loss"] for m in read_metrics(w) if "eval_loss" in m] for w in (workdir, tmp_path)]
+    np.testing.assert_allclose(held_out[1], held_out[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("changes, start, expected", [
+    ({}, 0, 10),  # configs/pretrain.py: every interval a multiple of 10
+    ({"eval_every": 0, "sample_every": 0}, 0, 10),  # 0: no interval
+    ({"log_every": 25}, 0, 5),
+    ({}, 1234, 2),  # resumed from a step that is not a multiple
+    ({"steps_per_call": 1}, 0, 1),
+])
+def test_steps_per_call_divides_steps_intervals_and_start(changes, start, expected):
+    from sana_jax.trainer.loop import steps_per_call
+
+    config = tiny_config(**{"steps": 2700, "log_every": 50, "checkpoint_every": 500, "eval_every": 250,
+                            "sample_every": 1000, "steps_per_call": 10, **changes})
+    assert steps_per_call(config, start) == expected
+
+
 @pytest.mark.slow
 def test_kill_during_save_resumes_from_previous_checkpoint(straight_run, tmp_path):
     """SIGKILL while the step-4 checkpoint is being written: the rerun resumes from step 2."""

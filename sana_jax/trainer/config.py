@@ -25,6 +25,10 @@ def default_config() -> ConfigDict:
     c.steps = 1000
     c.batch_size = 32
     c.log_every = 25
+    # Training steps that one compiled call runs in a loop on K batches (at most: the trainer runs the largest
+    # count that also divides the steps, every interval below and a resumed step). On CPU each call allocates
+    # and zeroes XLA's scratch memory afresh, so several steps per call are faster; the updates are the same.
+    c.steps_per_call = 1
     c.checkpoint_every = 250
     c.keep_checkpoints = 2  # the latest N
     c.keep_every = 0  # and every K-th step for good (0: none)
@@ -120,7 +124,7 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
         DataConfig.from_mapping(config.data)
     except ValueError as error:
         raise ValueError(f"config.data: {error}") from None
-    for field in ("steps", "batch_size", "log_every", "checkpoint_every"):
+    for field in ("steps", "batch_size", "log_every", "checkpoint_every", "steps_per_call"):
         require(isinstance(config[field], int) and config[field] > 0, field, "a positive integer")
     require(config.eval_every >= 0, "eval_every", ">= 0")
     require(config.eval_batches >= 0, "eval_batches", ">= 0")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import math
 import shutil
 import signal
 import threading
@@ -298,12 +300,17 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
                                        eight_bit_scheme=config.optimizer.eight_bit_scheme)
     finish = start < config.steps or not model_is_final  # train, evaluate, sample and write model/
 
-    step_fn = jax.jit(
-        make_train_step(model_config, tx, schedule, seed=config.seed,
-                        noise_levels=noise_levels(config.training), grad_accum=config.training.grad_accum,
-                        ema_decay=config.training.ema_decay),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, None), donate_argnums=0)
+    train_step = make_train_step(model_config, tx, schedule, seed=config.seed,
+                                 noise_levels=noise_levels(config.training), grad_accum=config.training.grad_accum,
+                                 ema_decay=config.training.ema_decay)
+    # (state, K stacked batches) -> (state, metrics stacked (K,)): K steps in one compiled call.
+    steps_fn = jax.jit(functools.partial(jax.lax.scan, train_step),
+                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_sharding, None), donate_argnums=0)
+    per_call = steps_per_call(config, start)
+    if per_call != config.steps_per_call:
+        tqdm.write(f"{stage or 'train'}: {per_call} steps per call, the largest count that divides "
+                   f"steps_per_call={config.steps_per_call}, the steps, the intervals and the first step {start}")
 
     evaluate = _make_evaluation(config, data_config, model_config, mesh)
     writer = monitor.MetricWriter(workdir, resume_step=start, stage=stage)
@@ -332,26 +339,28 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
         evaluate_and_log(0)
     throughput = monitor.Throughput(config.batch_size)
     pending, previous, reached = [], None, start
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=stage or "train",
-               disable=jax.process_index() != 0, dynamic_ncols=True)
-    for step in bar:
-        batch = sharding.global_batch(next(data_iter), mesh)
-        state, metrics = step_fn(state, batch)
+    bar = tqdm(initial=start, total=config.steps, desc=stage or "train", disable=jax.process_index() != 0,
+               dynamic_ncols=True)
+    for first in range(start, config.steps, per_call):
+        batches = sharding.global_batches([next(data_iter) for _ in range(per_call)], mesh)
+        state, metrics = steps_fn(state, batches)
         pending.append(metrics)
-        if previous is not None and int(previous["nonfinite_in_a_row"]) >= config.max_nonfinite_in_a_row:
-            raise FloatingPointError(
-                f"{int(previous['nonfinite_in_a_row'])} updates in a row had a non-finite loss or gradient "
-                f"(max_nonfinite_in_a_row={config.max_nonfinite_in_a_row}); stopped at step {step}. The last "
-                f"good checkpoint is in {workdir / CHECKPOINT_DIR}.")
+        if previous is not None:  # the call before this one, done by now or soon: its longest run of skips
+            in_a_row = int(np.max(previous["nonfinite_in_a_row"]))
+            if in_a_row >= config.max_nonfinite_in_a_row:
+                raise FloatingPointError(
+                    f"{in_a_row} updates in a row had a non-finite loss or gradient "
+                    f"(max_nonfinite_in_a_row={config.max_nonfinite_in_a_row}); stopped at step {first}. The last "
+                    f"good checkpoint is in {workdir / CHECKPOINT_DIR}.")
         previous = metrics
-        done = reached = step + 1
+        done = reached = first + per_call
+        bar.update(per_call)
         if done % config.log_every == 0 or done == config.steps:
-            fetched = jax.device_get(pending)
-            row = {"loss": float(np.mean([m["loss"] for m in fetched])),
-                   "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                   "learning_rate": float(fetched[-1]["learning_rate"]),
-                   "skipped": float(np.sum([m["skipped"] for m in fetched])),
-                   "nonfinite_total": float(fetched[-1]["nonfinite_total"]),
+            fetched = {key: np.concatenate([m[key] for m in jax.device_get(pending)]) for key in pending[0]}
+            row = {"loss": float(np.mean(fetched["loss"])), "grad_norm": float(np.mean(fetched["grad_norm"])),
+                   "learning_rate": float(fetched["learning_rate"][-1]),
+                   "skipped": float(np.sum(fetched["skipped"])),
+                   "nonfinite_total": float(fetched["nonfinite_total"][-1]),
                    **throughput.update(done)}
             pending = []
             writer.write(done, row)
@@ -382,6 +391,14 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
     return model_config, final, state
 
 
+def steps_per_call(config: ConfigDict, start: int) -> int:
+    """The training steps each compiled call runs: the largest divisor of `config.steps_per_call` that also
+    divides the steps, the log, checkpoint, evaluation and sample intervals and the step `start`, so that every
+    one of those falls between calls."""
+    return math.gcd(config.steps_per_call, config.steps, config.log_every, config.checkpoint_every,
+                    config.eval_every, config.sample_every, start)
+
+
 def _make_evaluation(config: ConfigDict, data_config: DataConfig, model_config: SanaConfig, mesh):
     """params -> the flow-matching loss on `config.eval_batches` fixed batches with fixed noise, or None.
 
@@ -396,10 +413,8 @@ def _make_evaluation(config: ConfigDict, data_config: DataConfig, model_config: 
     iterator = make_train_iterator(dataclasses.replace(data_config, **held_out), seed=config.seed + 1,
                                    batch_size=config.batch_size, process_index=jax.process_index(),
                                    process_count=jax.process_count())
-    local = [next(iterator) for _ in range(config.eval_batches)]
-    stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
-    batches = {k: jax.make_array_from_process_local_data(stacked_sharding, np.stack([b[k] for b in local]))
-               for k in ("latents", "text", "text_mask")}
+    batches = sharding.global_batches([next(iterator) for _ in range(config.eval_batches)], mesh,
+                                      keys=("latents", "text", "text_mask"))
     loss = jax.jit(lambda p: evaluation_loss(p, model_config, batches, jax.random.key(config.seed + 2),
                                              **noise_levels(config.training)))
     return lambda params: float(loss(params))

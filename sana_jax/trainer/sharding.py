@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -53,11 +55,17 @@ def param_shardings(config: SanaConfig, params_shape, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches are split over every mesh axis along their leading dimension."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Stacked batches (K, B, ...) are split over every mesh axis along the batch dimension B."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over the batch axes."""
+def global_batches(local_batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh,
+                   keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """K batches of this process's rows -> global arrays (K, B, ...) sharded over the batch axes.
+
+    `keys`: the entries to keep (default: all of the first batch's).
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    keys = list(local_batches[0]) if keys is None else keys
+    return {k: jax.make_array_from_process_local_data(sharding, np.stack([np.asarray(b[k]) for b in local_batches]))
+            for k in keys}
