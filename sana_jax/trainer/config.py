@@ -26,8 +26,9 @@ def default_config() -> ConfigDict:
     c.batch_size = 32
     c.log_every = 25
     # Training steps that one compiled call runs in a loop on K batches (at most: the trainer runs the largest
-    # count that also divides the steps, every interval below and a resumed step). On CPU each call allocates
-    # and zeroes XLA's scratch memory afresh, so several steps per call are faster; the updates are the same.
+    # count that also divides the steps, the log, checkpoint, eval and sample intervals and a resumed step,
+    # `loop.steps_per_call`). On CPU each call allocates and zeroes XLA's scratch memory afresh, so several steps
+    # per call are faster; the updates are the same.
     c.steps_per_call = 1
     c.checkpoint_every = 250
     c.keep_checkpoints = 2  # the latest N

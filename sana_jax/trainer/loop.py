@@ -356,7 +356,8 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
         done = reached = first + per_call
         bar.update(per_call)
         if done % config.log_every == 0 or done == config.steps:
-            fetched = {key: np.concatenate([m[key] for m in jax.device_get(pending)]) for key in pending[0]}
+            calls = jax.device_get(pending)
+            fetched = {key: np.concatenate([m[key] for m in calls]) for key in calls[0]}
             row = {"loss": float(np.mean(fetched["loss"])), "grad_norm": float(np.mean(fetched["grad_norm"])),
                    "learning_rate": float(fetched["learning_rate"][-1]),
                    "skipped": float(np.sum(fetched["skipped"])),

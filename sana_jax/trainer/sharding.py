@@ -67,5 +67,5 @@ def global_batches(local_batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh
     """
     sharding = batch_sharding(mesh)
     keys = list(local_batches[0]) if keys is None else keys
-    return {k: jax.make_array_from_process_local_data(sharding, np.stack([np.asarray(b[k]) for b in local_batches]))
+    return {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in local_batches]))
             for k in keys}
