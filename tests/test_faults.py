@@ -44,25 +44,7 @@ def tiny(**changes) -> ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module and its subprocesses: each tiny train step compiles once."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = str(tmp_path_factory.mktemp("xla_cache"))
-    settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield {name.upper(): str(value) for name, value in settings.items()}
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, compilation_cache):
+def trained(tmp_path_factory):
     """A finished 4-step run: checkpoints at steps 2 and 4, model/ and the final params."""
     workdir = tmp_path_factory.mktemp("trained")
     _, params = train(tiny(), workdir)
@@ -275,21 +257,21 @@ def _train_command(config: Path, workdir: Path, *flags: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def signal_reference(tmp_path_factory, compilation_cache):
+def signal_reference(tmp_path_factory):
     """The command the signal tests interrupt, and the params and metrics of an uninterrupted run."""
     folder = tmp_path_factory.mktemp("signals")
     config = folder / "config.py"
     config.write_text(SIGNAL_CONFIG)
     _, params = train(tiny_config(**SIGNAL_CHANGES), folder / "reference")
-    return config, params, read_metrics(folder / "reference"), {**os.environ, **compilation_cache}
+    return config, params, read_metrics(folder / "reference")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_and_the_same_command_resumes_exactly(signal_reference, tmp_path, signum):
-    config, reference_params, reference_metrics, env = signal_reference
+    config, reference_params, reference_metrics = signal_reference
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(_train_command(config, workdir), env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train_command(config, workdir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -305,7 +287,7 @@ def test_signal_saves_and_the_same_command_resumes_exactly(signal_reference, tmp
     assert last == f"stopped at step {step}; the same command resumes" and 3 <= step < SIGNAL_CHANGES["steps"], last
     assert str(step) in os.listdir(workdir / "checkpoints")
 
-    resumed = subprocess.run(_train_command(config, workdir), env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_train_command(config, workdir), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step {step}" in resumed.stdout
     assert_trees_close(checkpoint.load(workdir / "model")[1], reference_params, atol=1e-6)
