@@ -1,5 +1,5 @@
 """What the command lines share: absl flags parsed with user mistakes reported as one line (exit status 2),
-and the allocator setting that long CPU runs want.
+the allocator setting that long CPU runs want, and a compilation cache kept between runs.
 
 Each command defines its flags on its own `flags.FlagValues` (so one process can import several commands and
 parse a command line more than once, as the tests do) and parses them with `parse`.
@@ -17,6 +17,8 @@ from absl import flags
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull")
 # glibc (>= 2.35) tunable: malloc asks for transparent huge pages on the large blocks it maps.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# The commands' compilation cache holds at most this much; the least recently used programs go first.
+COMPILATION_CACHE_MAX_BYTES = 2 << 30
 
 
 def fail(message: str) -> NoReturn:
@@ -69,3 +71,31 @@ def restart_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
+def compilation_cache_dir(environ: Mapping[str, str]) -> str | None:
+    """Where the commands keep jax's persistent compilation cache: $XDG_CACHE_HOME/sana_jax/xla (~/.cache when
+    XDG_CACHE_HOME is unset), or None when JAX_COMPILATION_CACHE_DIR is set (jax reads that one itself; an empty
+    value turns the cache off)."""
+    if "JAX_COMPILATION_CACHE_DIR" in environ:
+        return None
+    root = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "sana_jax", "xla")
+
+
+def use_compilation_cache() -> None:
+    """Keeps every program that takes jax a second or more to compile in `compilation_cache_dir`, for the next run.
+
+    Call it in a command's `__main__`, before anything compiles. A rerun, or a resume after Ctrl-C, SIGTERM or a
+    crash, then loads its programs instead of compiling them again: the main job's take two minutes and more
+    on two CPU cores (docs/performance.md). Entries are keyed by the program, the jax and XLA versions and
+    the device, and XLA refuses one compiled for another CPU.
+    """
+    path = compilation_cache_dir(os.environ)
+    if path is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    # A size limit also makes jax lock entries against concurrent writers (two commands run at once).
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)

@@ -71,3 +71,46 @@ def test_restart_sets_the_tunable_in_the_same_process_and_the_kernel_backs_large
     pids, seen, kb = _run_child("glibc.malloc.hugetlb=0")
     assert len(pids) == 2 and seen == "glibc.malloc.hugetlb=0"
     assert (kb > 0) == (mode == "always"), (mode, kb)
+
+
+def test_compilation_cache_dir_follows_xdg_and_leaves_jax_own_variable_alone():
+    assert cli.compilation_cache_dir({"XDG_CACHE_HOME": "/c", "HOME": "/h"}) == "/c/sana_jax/xla"
+    assert cli.compilation_cache_dir({"HOME": "/h"}) == "/h/.cache/sana_jax/xla"
+    assert cli.compilation_cache_dir({"XDG_CACHE_HOME": "", "HOME": "/h"}) == "/h/.cache/sana_jax/xla"
+    assert cli.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/mine", "XDG_CACHE_HOME": "/c"}) is None
+    assert cli.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": ""}) is None  # jax's cache off
+
+
+# Turns the commands' cache on, compiles one program and prints what jax's compilation cache reported.
+CACHE_CHILD = textwrap.dedent("""
+    from sana_jax import cli
+    cli.use_compilation_cache()
+    import jax, jax.numpy as jnp
+    from jax._src import monitoring
+    events = []
+    monitoring.register_event_listener(lambda event, **kwargs: events.append(event.rsplit("/", 1)[-1]))
+    x = jnp.arange(64.0).reshape(8, 8)
+    print(float(jax.jit(lambda a: jnp.tanh(a @ a.T).sum())(x)), events.count("cache_hits"),
+          events.count("cache_misses"))
+""")
+
+
+def test_a_second_run_loads_its_programs_from_the_commands_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    def run() -> tuple[float, int, int]:
+        out = subprocess.run([sys.executable, "-c", CACHE_CHILD], env=env, capture_output=True, text=True,
+                             check=True, timeout=120).stdout.split()
+        return float(out[0]), int(out[1]), int(out[2])
+
+    value, hits, misses = run()
+    folder = tmp_path / "sana_jax" / "xla"
+    entries = sorted(p.name for p in folder.iterdir() if p.name.endswith("-cache"))
+    assert hits == 0 and misses >= 1 and any(name.startswith("jit__lambda") for name in entries), (hits, entries)
+    again, hits, misses = run()
+    assert again == value and hits >= 1 and misses == 0, (hits, misses)
+    # The caller's own setting wins: with jax's variable empty the cache is off and nothing more is written.
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
+    assert run() == (value, 0, 0)
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith("-cache")) == entries

@@ -18,7 +18,7 @@ from absl import app, flags
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sana_jax import checkpoint, surgery
+from sana_jax import checkpoint, cli, surgery
 from sana_jax.model import SanaConfig, init_params, preset
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
@@ -125,4 +125,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.use_compilation_cache()
     app.run(main)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from sana_jax import checkpoint, evaluation, sampling
+from sana_jax import checkpoint, cli, evaluation, sampling
 from sana_jax.grids import save_grid
 from sana_jax.sample import recorded_settings
 
@@ -69,4 +69,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.use_compilation_cache()
     app.run(main)

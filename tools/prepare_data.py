@@ -75,4 +75,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    cli.use_compilation_cache()
     main()

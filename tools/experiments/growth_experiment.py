@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from ml_collections import ConfigDict, config_flags
 
 from sana_jax import checkpoint, evaluation
-from sana_jax.cli import fail
+from sana_jax.cli import fail, use_compilation_cache
 from sana_jax.sample import recorded_settings
 from sana_jax.surgery import STRATEGIES
 from sana_jax.trainer import run, train
@@ -323,4 +323,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    use_compilation_cache()
     app.run(main)

@@ -43,7 +43,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from sana_jax import checkpoint
+from sana_jax import checkpoint, cli
 from sana_jax import model as sana_model
 from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig, element_shapes, make_autoencoder, make_text_encoder, null_caption
@@ -392,4 +392,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.use_compilation_cache()
     app.run(main)

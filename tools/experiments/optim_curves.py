@@ -20,6 +20,7 @@ import optax
 from absl import app, flags
 from tqdm import tqdm
 
+from sana_jax import cli
 from sana_jax.model import preset
 from sana_jax.model.transformer import forward, init_params
 from sana_jax.optim import SANA_SCHEME, Scheme, came, sana_factoring, state_bytes
@@ -166,4 +167,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.use_compilation_cache()
     app.run(main)

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from ml_collections import ConfigDict, config_flags
 
 from sana_jax import checkpoint, evaluation, surgery
-from sana_jax.cli import fail
+from sana_jax.cli import fail, use_compilation_cache
 from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig, make_text_encoder, make_train_iterator, null_caption
 from sana_jax.sample import recorded_settings
@@ -257,4 +257,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    use_compilation_cache()
     app.run(main)
