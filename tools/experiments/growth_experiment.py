@@ -51,10 +51,11 @@ _GRID_PROMPTS = flags.DEFINE_integer("grid_prompts", 120, "prompts of the traine
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 300, "GenEval-lite prompts of the final scores")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "samples per final GenEval-lite prompt")
 _QUICK = flags.DEFINE_bool("quick", False, "a few minutes' smoke run: one seed, a 2-block base grown to 4 blocks, "
-                           "a few steps, 12 prompts")
+                           "a few steps, 12 prompts, scanned blocks and whole batches (which compile fastest)")
 _OUT_JSON = flags.DEFINE_string("out_json", "docs/growth.json", "where the numbers go")
 _OUT_PNG = flags.DEFINE_string("out_png", "docs/growth.png", "where the figure goes")
 
+QUICK_MODEL = {"unroll_blocks": False, "batch_splits": 1}  # --quick's loop and batch: the same numbers
 CONTINUED = "continued"  # the base trained on by the grown stage's recipe without growing
 ARM_COLORS = {"base": "tab:blue", "scratch": "tab:gray", "partial_preservation": "tab:orange", "cyclic": "tab:green",
               "block_expand": "tab:purple", CONTINUED: "tab:red"}
@@ -90,7 +91,7 @@ def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, 
         fail("--config: expected a growth config with `growth` and `base` sections, like configs/grow.py")
     base = copy.deepcopy(grow.base)
     if quick:
-        base.model.overrides = {**base.model.overrides, "depth": 2}
+        base.model.overrides = {**base.model.overrides, "depth": 2, **QUICK_MODEL}
         base.update({"steps": 4, "batch_size": 8, "eval_batches": 1})
     base.seed = seed
     base.sampling.num_prompts = s["grid_prompts"]
@@ -105,6 +106,7 @@ def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, 
         c.growth.update({"strategy": strategy, "target_depth": depth, "base_checkpoint": ""})
         c.steps = grown_steps
         if quick:
+            c.model.overrides = {**c.model.overrides, **QUICK_MODEL}
             c.update({"batch_size": 8, "eval_batches": 1})
             c.optimizer.warmup_steps = 1
         c.seed = seed
