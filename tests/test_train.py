@@ -176,7 +176,10 @@ def test_held_out_loss_is_logged_on_a_disjoint_domain_seed(tmp_path):
     from sana_jax.data.pipeline import make_train_iterator
     from sana_jax.trainer.flow_matching import flow_matching_loss
 
-    config = tiny_config(eval_every=2, eval_batches=2, checkpoint_every=100)
+    # Trained with unrolled blocks; the held-out loss program runs the scanned loop, the recomputation below
+    # the unrolled one.
+    config = tiny_config(eval_every=2, eval_batches=2, checkpoint_every=100,
+                         **{"model.overrides.unroll_blocks": True})
     train(config, tmp_path)
     rows = [m for m in read_metrics(tmp_path) if "eval_loss" in m]
     assert [m["step"] for m in rows] == [0, 2, 4]

@@ -7,6 +7,7 @@ Logical axis names on every weight (see `LOGICAL_AXIS_RULES`) let the trainer sh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -455,8 +456,12 @@ def _dummy_inputs(config: SanaConfig):
 
 
 def init_params(config: SanaConfig, key: jax.Array) -> dict:
-    """Random parameters: a nested dict of arrays, block weights stacked on a leading depth axis."""
-    variables = SanaTransformer(config).init(key, *_dummy_inputs(config))
+    """Random parameters: a nested dict of arrays, block weights stacked on a leading depth axis.
+
+    The values do not depend on `config.unroll_blocks`: the blocks are initialised through the scanned loop,
+    which XLA compiles several times faster than the unrolled one (docs/performance.md).
+    """
+    variables = SanaTransformer(dataclasses.replace(config, unroll_blocks=False)).init(key, *_dummy_inputs(config))
     return nn.meta.unbox(variables["params"])
 
 

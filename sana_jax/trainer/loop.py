@@ -416,7 +416,10 @@ def _make_evaluation(config: ConfigDict, data_config: DataConfig, model_config: 
                                    process_count=jax.process_count())
     batches = sharding.global_batches([next(iterator) for _ in range(config.eval_batches)], mesh,
                                       keys=("latents", "text", "text_mask"))
-    loss = jax.jit(lambda p: evaluation_loss(p, model_config, batches, jax.random.key(config.seed + 2),
+    # A program called a dozen times a run: the scanned block loop compiles in about half the time of the
+    # unrolled one, for the same loss (docs/performance.md).
+    scanned = dataclasses.replace(model_config, unroll_blocks=False)
+    loss = jax.jit(lambda p: evaluation_loss(p, scanned, batches, jax.random.key(config.seed + 2),
                                              **noise_levels(config.training)))
     return lambda params: float(loss(params))
 
