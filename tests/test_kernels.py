@@ -369,3 +369,19 @@ def _run_child(out_dir: str) -> None:
 
 if __name__ == "__main__":
     _run_child(sys.argv[1])
+
+
+def test_repository_root_does_not_hide_the_installed_kernels_distribution():
+    """Run from the repository root, `import kernels` means the `kernels` distribution (transformers imports
+    it) when one is installed, and this folder otherwise."""
+    import importlib.metadata
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        expected = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
+    except importlib.metadata.PackageNotFoundError:
+        expected = root / "kernels" / "__init__.py"
+    assert Path(found).resolve() == Path(expected).resolve()
