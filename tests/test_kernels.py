@@ -367,10 +367,6 @@ def _run_child(out_dir: str) -> None:
         json.dump(report, f)
 
 
-if __name__ == "__main__":
-    _run_child(sys.argv[1])
-
-
 def test_repository_root_does_not_hide_the_installed_kernels_distribution():
     """Run from the repository root, `import kernels` means the `kernels` distribution (transformers imports
     it) when one is installed, and this folder otherwise."""
@@ -385,3 +381,7 @@ def test_repository_root_does_not_hide_the_installed_kernels_distribution():
     except importlib.metadata.PackageNotFoundError:
         expected = root / "kernels" / "__init__.py"
     assert Path(found).resolve() == Path(expected).resolve()
+
+
+if __name__ == "__main__":
+    _run_child(sys.argv[1])
