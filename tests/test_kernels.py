@@ -11,6 +11,7 @@ float64 and its autograd gradients.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -370,9 +372,6 @@ def _run_child(out_dir: str) -> None:
 def test_repository_root_does_not_hide_the_installed_kernels_distribution():
     """Run from the repository root, `import kernels` means the `kernels` distribution (transformers imports
     it) when one is installed, and this folder otherwise."""
-    import importlib.metadata
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     found = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=root,
                            capture_output=True, text=True, check=True).stdout.strip()

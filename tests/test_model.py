@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from sana_jax.model import SanaConfig, forward, forward_with_hidden, init_params, logical_axes, preset
-from sana_jax.model.transformer import SanaTransformer, depthwise_conv3x3, layer_norm, timestep_embedding
+from sana_jax.model.transformer import (
+    SanaTransformer,
+    _dummy_inputs,
+    depthwise_conv3x3,
+    layer_norm,
+    timestep_embedding,
+)
 
 CONFIG = dataclasses.replace(preset("tiny"), depth=3)
 
@@ -103,10 +109,7 @@ def test_unrolled_block_loop_changes_nothing(model):
 def test_unrolled_config_initialises_the_same_weights():
     """init_params goes through the scanned loop; the unrolled module's own init draws the same values."""
     config = dataclasses.replace(CONFIG, unroll_blocks=True)
-    side = 2 * config.patch_size
-    dummy = (jnp.zeros((1, side, side, config.in_channels)), jnp.zeros((1,)),
-             jnp.zeros((1, 1, config.caption_channels)), jnp.ones((1, 1), jnp.int32))
-    expected = nn.meta.unbox(SanaTransformer(config).init(jax.random.key(5), *dummy)["params"])
+    expected = nn.meta.unbox(SanaTransformer(config).init(jax.random.key(5), *_dummy_inputs(config))["params"])
     got = init_params(config, jax.random.key(5))
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
