@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from sana_jax.data import shapes
 from sana_jax.data.pipeline import DataConfig
 from sana_jax.model import PRESETS
 from sana_jax.surgery import DEFAULT_TIMESTEPS, STRATEGIES
@@ -47,8 +48,9 @@ def default_config() -> ConfigDict:
     # The model: a preset plus field overrides. Channel counts and sample size follow the data.
     c.model = ConfigDict({"preset": "tiny", "overrides": {}})
 
-    # sana_jax.data.DataConfig fields.
-    c.data = ConfigDict({"source": "shapes", "resolution": 32, "caption_dropout": 0.1})
+    # sana_jax.data.DataConfig fields. `tasks` (the shapes domain's, in turn; repeat one to weight it) is listed
+    # so that the command line can set it: --config.data.tasks="('position',)".
+    c.data = ConfigDict({"source": "shapes", "resolution": 32, "caption_dropout": 0.1, "tasks": shapes.TASKS})
 
     c.optimizer = ConfigDict({
         "name": "came", "lr": 2e-4, "schedule": "constant", "warmup_steps": 100, "end_lr": 0.0,
