@@ -10,7 +10,7 @@ from sana_jax.trainer.config import default_config
 
 def get_config() -> ConfigDict:
     c = default_config()
-    # 2700 steps: the main job (configs/grow.py) runs this stage first and ends in about 9 minutes on two idle cores.
+    # 2700 steps: 6-8 minutes on two idle cores. The main job (configs/grow.py) runs this stage for a time budget.
     c.steps = 2700
     c.batch_size = 64
     c.log_every = 50

@@ -120,6 +120,28 @@ def test_several_steps_per_call_train_as_one_per_call(straight_run, tmp_path):
     np.testing.assert_allclose(held_out[1], held_out[0], rtol=1e-6)
 
 
+def test_time_budget_ends_the_stage_at_a_call_and_equals_a_run_of_that_many_steps(straight_run, tmp_path):
+    """A budget spent before the first call ends returns after that call, as a run of its steps would: the same
+    weights, logged losses and model/; the same command again finds the budget spent and trains no further, and
+    a larger budget resumes it to the uninterrupted run's end."""
+    grouped = {**RUN, "steps_per_call": 4, "log_every": 4, "checkpoint_every": 4}
+    budgeted, reference = tmp_path / "budgeted", tmp_path / "four_steps"
+    _, params = train(tiny_config(**grouped, time_budget_s=1e-9), budgeted)
+    _, expected = train(tiny_config(**{**grouped, "steps": 4}), reference)
+    assert_trees_close(params, expected, atol=0)
+    assert [m["step"] for m in train_losses(budgeted)] == [4]
+    assert [m["loss"] for m in train_losses(budgeted)] == [m["loss"] for m in train_losses(reference)]
+    assert checkpoint.load_metadata(budgeted / "model")["step"] == 4
+    assert sorted(p.name for p in (budgeted / "checkpoints").iterdir()) == ["4"]
+    _, again = train(tiny_config(**grouped, time_budget_s=1e-9), budgeted)
+    assert_trees_close(again, params, atol=0)
+    assert [m["step"] for m in train_losses(budgeted)] == [4]
+    _, resumed = train(tiny_config(**grouped, time_budget_s=1e9), budgeted)
+    assert_trees_close(resumed, straight_run[1], atol=1e-6)
+    assert [m["step"] for m in train_losses(budgeted)] == [4, 8, 12]
+    assert checkpoint.load_metadata(budgeted / "model")["step"] == 12
+
+
 @pytest.mark.parametrize("changes, start, expected", [
     ({}, 0, 10),  # configs/pretrain.py: every interval a multiple of 10
     ({"eval_every": 0, "sample_every": 0}, 0, 10),  # 0: no interval
@@ -208,6 +230,8 @@ def test_held_out_loss_is_logged_on_a_disjoint_domain_seed(tmp_path):
     ({"data.resolutoin": 64}, "unknown data config keys"),
     ({"data.source": "array_record"}, "data_dir is required"),
     ({"optimizer.eight_bit_scheme": "fp4"}, "optimizer.eight_bit_scheme='fp4'"),
+    ({"time_budget_s": -1.0}, "config.time_budget_s=-1.0"),
+    ({"time_budget_s": 60.0, "optimizer.schedule": "cosine"}, "optimizer.schedule='constant'"),
 ])
 def test_bad_configs_fail_before_compiling(change, message):
     config = tiny_config()

@@ -24,6 +24,10 @@ def default_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.steps = 1000
+    # Wall seconds after which the stage ends at the next compiled call, as at its last step (0: no limit). They
+    # count from the stage's start (compilation, grids and held-out losses included) and add up over resumes; the
+    # step reached varies with the machine's speed, and `steps` set to it with no budget repeats the run.
+    c.time_budget_s = 0.0
     c.batch_size = 32
     c.log_every = 25
     # Training steps that one compiled call runs in a loop on K batches (at most: the trainer runs the largest
@@ -130,6 +134,10 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
     for field in ("steps", "batch_size", "log_every", "checkpoint_every", "steps_per_call"):
         require(isinstance(config[field], int) and config[field] > 0, field, "a positive integer")
     require(config.eval_every >= 0, "eval_every", ">= 0")
+    require(config.time_budget_s >= 0, "time_budget_s", "seconds >= 0 (0: no limit)")
+    require(not (config.time_budget_s and config.optimizer.schedule != "constant"), "time_budget_s",
+            "0 with a decaying learning rate (it is laid out over `steps`, which the budget may cut short), or "
+            "optimizer.schedule='constant'")
     require(config.eval_batches >= 0, "eval_batches", ">= 0")
     require(config.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
     require(config.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")

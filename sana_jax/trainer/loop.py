@@ -11,6 +11,7 @@ import math
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -206,15 +207,19 @@ def _stop_on_signals() -> Iterator[_StopSignal]:
             signal.signal(signum, handler)
 
 
-def _model_is_final(workdir: Path, steps: int) -> bool:
-    """Whether model/ holds the final weights of a run of `steps` steps."""
+def _final_model_step(workdir: Path) -> int | None:
+    """The step whose final weights model/ holds, or None when there is no model/."""
     path = workdir / MODEL_DIR
-    return (path / sana_checkpoint.CONFIG_FILE).is_file() and sana_checkpoint.load_metadata(path).get("step") == steps
+    return sana_checkpoint.load_metadata(path).get("step") if (path / sana_checkpoint.CONFIG_FILE).is_file() else None
 
 
 def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None,
           model_config: SanaConfig | None = None, stage: str = "", opt_state: Any = None) -> tuple[SanaConfig, dict]:
     """Trains for `config.steps` steps in `workdir`, resuming from its newest restorable checkpoint if any.
+
+    With `config.time_budget_s` > 0 the stage ends earlier, after the first compiled call that finds the
+    budget spent (wall seconds since the stage started, added up over resumes), and finishes as at its last
+    step: evaluation, samples and model/ (its metadata records the step reached).
 
     Args:
       config: a training config (see `sana_jax.trainer.config`).
@@ -246,6 +251,7 @@ def _train_stage(config: ConfigDict, workdir: Path, *, params: dict | None = Non
 
 def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config: SanaConfig | None, stage: str,
            stop: _StopSignal, opt_state: Any) -> tuple[SanaConfig, dict, dict]:
+    started = time.monotonic()
     data_config = DataConfig.from_mapping(config.data)
     planned = model_config or planned_model_config(config)
     saved = saved_model_config(workdir)
@@ -280,14 +286,16 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
                                     process_index=jax.process_index(), process_count=jax.process_count())
     manager = _checkpoint_manager(workdir, config)
     # Read once, before any process rewrites model/: every process must agree on finishing the run.
-    model_is_final = _model_is_final(workdir, config.steps)
+    final_model_step = _final_model_step(workdir)
     restored = _restore_newest(manager, workdir, lambda step: manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter))).state)
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter),
+        meta=ocp.args.JsonRestore())))
     if restored is not None:
-        start, state = restored
+        start, items = restored
+        state, seconds_before = items.state, items.meta.get("train_seconds", 0.0)
         tqdm.write(f"resumed {workdir} from step {start}")
     else:
-        start = 0
+        start, seconds_before = 0, 0.0
         if params is None:
             params = jax.jit(init_params, static_argnums=0, out_shardings=params_sharding)(
                 model_config, jax.random.key(config.seed))
@@ -298,7 +306,22 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
                             out_shardings=state_sharding["opt_state"])
             state["opt_state"] = carry(state["opt_state"], opt_state,
                                        eight_bit_scheme=config.optimizer.eight_bit_scheme)
-    finish = start < config.steps or not model_is_final  # train, evaluate, sample and write model/
+
+    def train_seconds() -> float:
+        return seconds_before + time.monotonic() - started
+
+    def out_of_time() -> bool:
+        """Whether the time budget is spent, by process 0's clock (every process must stop at the same step)."""
+        if not config.time_budget_s:
+            return False
+        spent = train_seconds() >= config.time_budget_s
+        if jax.process_count() > 1:
+            spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+        return spent
+
+    # A fresh stage runs at least one call; a resumed one whose budget was spent before has nothing left to train.
+    end = start if start and out_of_time() else config.steps
+    finish = start < end or final_model_step != end  # train, evaluate, sample and write model/
 
     train_step = make_train_step(model_config, tx, schedule, seed=config.seed,
                                  noise_levels=noise_levels(config.training), grad_accum=config.training.grad_accum,
@@ -319,7 +342,7 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
     def save(step: int) -> None:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta)))
+            meta=ocp.args.JsonSave({**meta, "train_seconds": train_seconds()})))
 
     def sample(step: int) -> None:
         if not config.sampling.num_prompts:
@@ -341,7 +364,7 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
     pending, previous, reached = [], None, start
     bar = tqdm(initial=start, total=config.steps, desc=stage or "train", disable=jax.process_index() != 0,
                dynamic_ncols=True)
-    for first in range(start, config.steps, per_call):
+    for first in range(start, end, per_call):
         batches = sharding.global_batches([next(data_iter) for _ in range(per_call)], mesh)
         state, metrics = steps_fn(state, batches)
         pending.append(metrics)
@@ -355,7 +378,9 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
         previous = metrics
         done = reached = first + per_call
         bar.update(per_call)
-        if done % config.log_every == 0 or done == config.steps:
+        budget_spent = out_of_time()
+        last = done == config.steps or budget_spent
+        if done % config.log_every == 0 or last:
             calls = jax.device_get(pending)
             fetched = {key: np.concatenate([m[key] for m in calls]) for key in calls[0]}
             row = {"loss": float(np.mean(fetched["loss"])), "grad_norm": float(np.mean(fetched["grad_norm"])),
@@ -368,18 +393,21 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
             bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_s']:.2f}",
                             img_s=f"{row['images_per_s']:.1f}")
         stopping = stop.check(manager, done)
-        if done % config.checkpoint_every == 0 or done == config.steps or stopping:
+        if done % config.checkpoint_every == 0 or last or stopping:
             save(done)
-        if stopping:
+        if stopping or last:
             break
         if config.sample_every and done % config.sample_every == 0 and done != config.steps:
             sample(done)
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
             evaluate_and_log(done)
     bar.close()
+    if reached < config.steps and stop.signum is None:
+        tqdm.write(f"{stage or 'train'}: the time budget (time_budget_s={config.time_budget_s:g}) ended training at "
+                   f"step {reached} of {config.steps}; steps={reached} with time_budget_s=0 repeats these steps")
     if finish and stop.signum is None:
-        evaluate_and_log(config.steps)
-        sample(config.steps)
+        evaluate_and_log(reached)
+        sample(reached)
     manager.wait_until_finished()  # an interrupted run too: its last save completes
     manager.close()
     writer.close()
@@ -388,7 +416,7 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
     final = state["ema_params"] if use_ema else state["params"]
     if finish:  # on every process: orbax writes each process's shards and synchronizes them
         sana_checkpoint.save(workdir / MODEL_DIR, model_config, final,
-                             metadata={**model_metadata(config), "step": config.steps}, overwrite=True)
+                             metadata={**model_metadata(config), "step": reached}, overwrite=True)
     return model_config, final, state
 
 

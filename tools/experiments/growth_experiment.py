@@ -47,6 +47,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 3, "training seeds (data order, initialis
 _STRATEGIES = flags.DEFINE_list("strategies", list(STRATEGIES), "growth strategies, one arm each")
 _CURVE_POINTS = flags.DEFINE_integer("curve_points", 4, "grid samplings and held-out losses per base and scratch "
                                      "run (besides step 0); the grown stage gets half as many")
+_BASE_STEPS = flags.DEFINE_integer("base_steps", 2700, "training steps of every seed's base (a fixed count, where "
+                                   "configs/grow.py's base trains for a time budget: arms compare at equal steps)")
 _GRID_PROMPTS = flags.DEFINE_integer("grid_prompts", 120, "prompts of the trainer's evaluation grid")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 300, "GenEval-lite prompts of the final scores")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "samples per final GenEval-lite prompt")
@@ -74,14 +76,16 @@ def arm_depth(config: ConfigDict) -> int:
 def settings() -> dict:
     """The run's settings: the flags, with --quick's reductions applied."""
     s = {"seeds": _SEEDS.value, "strategies": list(_STRATEGIES.value), "curve_points": _CURVE_POINTS.value,
+         "base_steps": _BASE_STEPS.value,
          "grid_prompts": _GRID_PROMPTS.value, "num_prompts": _NUM_PROMPTS.value, "samples_per_prompt": _SAMPLES.value}
     bad = [name for name in s["strategies"] if name not in STRATEGIES]
     if bad:
         fail(f"--strategies={','.join(s['strategies'])}: {bad[0]!r} is not one of {', '.join(STRATEGIES)}")
     if _QUICK.value:
-        s.update(seeds=1, curve_points=2, grid_prompts=6, num_prompts=12, samples_per_prompt=1)
-    if s["seeds"] < 1 or s["curve_points"] < 1:
-        fail(f"--seeds={s['seeds']} and --curve_points={s['curve_points']}: expected at least 1 each")
+        s.update(seeds=1, base_steps=4, curve_points=2, grid_prompts=6, num_prompts=12, samples_per_prompt=1)
+    if min(s["seeds"], s["curve_points"], s["base_steps"]) < 1:
+        fail(f"--seeds={s['seeds']}, --curve_points={s['curve_points']} and --base_steps={s['base_steps']}: "
+             "expected at least 1 each")
     return s
 
 
@@ -90,9 +94,10 @@ def arm_configs(grow: ConfigDict, seed: int, s: dict, quick: bool) -> dict[str, 
     if grow.get("growth") is None or grow.get("base") is None:
         fail("--config: expected a growth config with `growth` and `base` sections, like configs/grow.py")
     base = copy.deepcopy(grow.base)
+    base.update({"steps": s["base_steps"], "time_budget_s": 0.0})
     if quick:
         base.model.overrides = {**base.model.overrides, "depth": 2, **QUICK_MODEL}
-        base.update({"steps": 4, "batch_size": 8, "eval_batches": 1})
+        base.update({"batch_size": 8, "eval_batches": 1})
     base.seed = seed
     base.sampling.num_prompts = s["grid_prompts"]
     base.sample_every = base.eval_every = max(1, base.steps // s["curve_points"])
