@@ -18,9 +18,9 @@ def get_config() -> ConfigDict:
     c = pretrain.get_config()
     c.base = pretrain.get_config()
     # The base trains for eight minutes of wall time, as many steps as the machine runs in them (at most 4000), so
-    # that the whole command ends within ten minutes on two cores, and a faster machine buys a better model: at the
-    # default seed on one host, 0.598 after 2700 base steps and 0.661 after 3500 (docs/shapes_model.md). The step
-    # reached is in base/model and the log; --config.base.steps=N --config.base.time_budget_s=0 repeats it.
+    # that the whole command ends within ten minutes on two cores, and a faster machine buys a better model: on one
+    # host 3030-3250 steps, five seeds' GenEval-lite 0.621 against 0.594 after 2700 steps (docs/shapes_model.md).
+    # The step reached is in base/model and the log; --config.base.steps=N --config.base.time_budget_s=0 repeats it.
     c.base.steps = 4000
     c.base.time_budget_s = 480.0
     c.growth = growth_defaults()
