@@ -17,12 +17,15 @@ from sana_jax.trainer.config import growth_defaults
 def get_config() -> ConfigDict:
     c = pretrain.get_config()
     c.base = pretrain.get_config()
-    # The base trains for eight minutes of wall time, as many steps as the machine runs in them (at most 4000), so
-    # that the whole command ends within ten minutes on two cores, and a faster machine buys a better model: on one
-    # host 3030-3250 steps, five seeds' GenEval-lite 0.621 against 0.594 after 2700 steps (docs/shapes_model.md).
-    # The step reached is in base/model and the log; --config.base.steps=N --config.base.time_budget_s=0 repeats it.
+    # The base trains for as many steps (at most 4000) as the machine runs while the whole command stays within
+    # ten minutes on two cores, so that a faster machine buys a better model: its budget of 560 s keeps 500 steps'
+    # worth at its own pace for the change of stage, the grown stage and the final grid, which took as long as
+    # 467-566 base steps on every host and load measured (docs/shapes_model.md: 2960-2990 steps and 9 min 16-25 s
+    # on a fast host; 1710 steps and 9 min 33 s with one of its cores busy). The step reached is in base/model and
+    # the log; --config.base.steps=N --config.base.time_budget_s=0 repeats it.
     c.base.steps = 4000
-    c.base.time_budget_s = 480.0
+    c.base.time_budget_s = 560.0
+    c.base.time_reserve_steps = 500
     c.growth = growth_defaults()
     c.growth.target_depth = 12
     c.growth.strategy = "partial_preservation"

@@ -142,6 +142,20 @@ def test_time_budget_ends_the_stage_at_a_call_and_equals_a_run_of_that_many_step
     assert checkpoint.load_metadata(budgeted / "model")["step"] == 12
 
 
+def test_time_reserve_ends_the_stage_at_the_first_call_that_knows_its_pace(straight_run, tmp_path):
+    """A reserve of more steps than any budget holds ends the stage after its third call, the first that finds
+    a call after the compiling one done: the pace's first measure. A reserve of one step keeps the whole run."""
+    workdir, _ = straight_run
+    paired = {**RUN, "steps_per_call": 2, "log_every": 2, "checkpoint_every": 2, "time_budget_s": 1e9}
+    train(tiny_config(**paired, time_reserve_steps=10**15), tmp_path / "reserved")
+    reference = np.reshape([m["loss"] for m in train_losses(workdir)], (6, 2)).mean(axis=1)
+    assert [m["step"] for m in train_losses(tmp_path / "reserved")] == [2, 4, 6]
+    np.testing.assert_allclose([m["loss"] for m in train_losses(tmp_path / "reserved")], reference[:3], rtol=1e-6)
+    assert checkpoint.load_metadata(tmp_path / "reserved" / "model")["step"] == 6
+    train(tiny_config(**paired, time_reserve_steps=1), tmp_path / "one_step")
+    assert [m["step"] for m in train_losses(tmp_path / "one_step")] == [2, 4, 6, 8, 10, 12]
+
+
 @pytest.mark.parametrize("changes, start, expected", [
     ({}, 0, 10),  # configs/pretrain.py: every interval a multiple of 10
     ({"eval_every": 0, "sample_every": 0}, 0, 10),  # 0: no interval
@@ -232,6 +246,7 @@ def test_held_out_loss_is_logged_on_a_disjoint_domain_seed(tmp_path):
     ({"optimizer.eight_bit_scheme": "fp4"}, "optimizer.eight_bit_scheme='fp4'"),
     ({"time_budget_s": -1.0}, "config.time_budget_s=-1.0"),
     ({"time_budget_s": 60.0, "optimizer.schedule": "cosine"}, "optimizer.schedule='constant'"),
+    ({"time_reserve_steps": -5}, "config.time_reserve_steps=-5: expected an integer >= 0"),
 ])
 def test_bad_configs_fail_before_compiling(change, message):
     config = tiny_config()

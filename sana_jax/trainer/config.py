@@ -28,6 +28,10 @@ def default_config() -> ConfigDict:
     # count from the stage's start (compilation, grids and held-out losses included) and add up over resumes; the
     # step reached varies with the machine's speed, and `steps` set to it with no budget repeats the run.
     c.time_budget_s = 0.0
+    # With a budget: steps' worth of wall time at the stage's own pace (measured after its first call, compilation
+    # excluded, grids and held-out losses included) kept out of the budget for what follows the stage, so that
+    # e.g. a later stage's share grows with a slower machine as the stage's own steps do.
+    c.time_reserve_steps = 0
     c.batch_size = 32
     c.log_every = 25
     # Training steps that one compiled call runs in a loop on K batches (at most: the trainer runs the largest
@@ -138,6 +142,8 @@ def validate(config: ConfigDict, *, num_devices: int) -> None:
     require(not (config.time_budget_s and config.optimizer.schedule != "constant"), "time_budget_s",
             "0 with a decaying learning rate (it is laid out over `steps`, which the budget may cut short), or "
             "optimizer.schedule='constant'")
+    require(isinstance(config.time_reserve_steps, int) and config.time_reserve_steps >= 0, "time_reserve_steps",
+            "an integer >= 0")
     require(config.eval_batches >= 0, "eval_batches", ">= 0")
     require(config.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
     require(config.model.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}")

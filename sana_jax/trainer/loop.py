@@ -218,8 +218,9 @@ def train(config: ConfigDict, workdir: str | Path, *, params: dict | None = None
     """Trains for `config.steps` steps in `workdir`, resuming from its newest restorable checkpoint if any.
 
     With `config.time_budget_s` > 0 the stage ends earlier, after the first compiled call that finds the
-    budget spent (wall seconds since the stage started, added up over resumes), and finishes as at its last
-    step: evaluation, samples and model/ (its metadata records the step reached).
+    budget spent (wall seconds since the stage started, added up over resumes, plus `config.time_reserve_steps`
+    steps at the stage's pace), and finishes as at its last step: evaluation, samples and model/ (its metadata
+    records the step reached).
 
     Args:
       config: a training config (see `sana_jax.trainer.config`).
@@ -310,11 +311,20 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
     def train_seconds() -> float:
         return seconds_before + time.monotonic() - started
 
+    # The stage's pace without its compilation: (train seconds, step) when the first call was found done and when
+    # the latest one was. The budget keeps `time_reserve_steps` steps at this pace for what follows the stage.
+    first_done = latest_done = None
+
     def out_of_time() -> bool:
-        """Whether the time budget is spent, by process 0's clock (every process must stop at the same step)."""
+        """Whether the time budget less the reserve is spent, by process 0's clock (every process must stop at
+        the same step)."""
         if not config.time_budget_s:
             return False
-        spent = train_seconds() >= config.time_budget_s
+        seconds = train_seconds()
+        if first_done is not None and latest_done[1] > first_done[1]:
+            seconds_per_step = (latest_done[0] - first_done[0]) / (latest_done[1] - first_done[1])
+            seconds += config.time_reserve_steps * seconds_per_step
+        spent = seconds >= config.time_budget_s
         if jax.process_count() > 1:
             spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
         return spent
@@ -369,7 +379,9 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
         state, metrics = steps_fn(state, batches)
         pending.append(metrics)
         if previous is not None:  # the call before this one, done by now or soon: its longest run of skips
-            in_a_row = int(np.max(previous["nonfinite_in_a_row"]))
+            in_a_row = int(np.max(previous["nonfinite_in_a_row"]))  # waits for that call
+            latest_done = (train_seconds(), first)
+            first_done = first_done or latest_done
             if in_a_row >= config.max_nonfinite_in_a_row:
                 raise FloatingPointError(
                     f"{in_a_row} updates in a row had a non-finite loss or gradient "
@@ -403,8 +415,10 @@ def _train(config: ConfigDict, workdir: Path, params: dict | None, model_config:
             evaluate_and_log(done)
     bar.close()
     if reached < config.steps and stop.signum is None:
-        tqdm.write(f"{stage or 'train'}: the time budget (time_budget_s={config.time_budget_s:g}) ended training at "
-                   f"step {reached} of {config.steps}; steps={reached} with time_budget_s=0 repeats these steps")
+        reserve = f", time_reserve_steps={config.time_reserve_steps}" if config.time_reserve_steps else ""
+        tqdm.write(f"{stage or 'train'}: the time budget (time_budget_s={config.time_budget_s:g}{reserve}) ended "
+                   f"training at step {reached} of {config.steps}; steps={reached} with time_budget_s=0 repeats "
+                   "these steps")
     if finish and stop.signum is None:
         evaluate_and_log(reached)
         sample(reached)
