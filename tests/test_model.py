@@ -99,11 +99,21 @@ def test_rematerialisation_changes_nothing(model, remat):
 def test_unrolled_block_loop_changes_nothing(model):
     params, (x, t, text, mask) = model
     loss = lambda cfg: lambda p: jnp.mean(forward(p, cfg, x, t, text, mask) ** 2)
-    ref_loss, ref_grads = jax.value_and_grad(loss(CONFIG))(params)
+    ref_loss, ref_grads = jax.value_and_grad(loss(dataclasses.replace(CONFIG, unroll_blocks=False)))(params)
     got_loss, got_grads = jax.value_and_grad(loss(dataclasses.replace(CONFIG, unroll_blocks=True)))(params)
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("unroll_blocks, loops", [(None, 0), (False, 1), (True, 0)])
+def test_block_loop_is_unrolled_on_cpu_unless_asked_otherwise(model, unroll_blocks, loops):
+    """The default (None) unrolls the blocks on the CPU backend these tests run on: no loop in the program."""
+    params, (x, t, text, mask) = model
+    config = dataclasses.replace(CONFIG, unroll_blocks=unroll_blocks)
+    program = jax.jit(forward, static_argnums=1).lower(params, config, x, t, text, mask).as_text()
+    assert program.count("stablehlo.while") == loops
+    assert config.blocks_unrolled() == (loops == 0)
 
 
 def test_unrolled_config_initialises_the_same_weights():
@@ -189,6 +199,7 @@ def test_every_weight_has_logical_axes():
     ({"depth": 0}, "depth=0"),
     ({"cross_num_heads": 3}, "cross_num_heads"),
     ({"compute_dtype": "float16"}, "compute_dtype"),
+    ({"unroll_blocks": "yes"}, r"unroll_blocks='yes': expected True, False or None"),
 ])
 def test_bad_config_values_are_named(change, message):
     with pytest.raises(ValueError, match=message):

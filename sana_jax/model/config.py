@@ -50,12 +50,14 @@ class SanaConfig:
     attention_impl: str = "xla"
     attention_eps: float = 1e-15
     remat: str = "none"
-    # Run the blocks (stacked weights either way) as an unrolled loop instead of a scan: small models
-    # train about 2x faster on CPU; compile time grows with depth.
-    unroll_blocks: bool = False
+    # Run the blocks (stacked weights either way) as an unrolled loop instead of a scan; None: unrolled on
+    # the CPU backend, scanned on accelerators (`blocks_unrolled`). On CPU the scan writes every residual of
+    # every block into depth-long buffers, and a training step takes about 2x as long as unrolled
+    # (docs/performance.md); the unrolled program's compile time grows with depth.
+    unroll_blocks: bool | None = None
     # Run the batch as this many sub-batches, independent computations of one program (results concatenated):
-    # XLA's CPU runtime runs each elementwise kernel on one core but independent kernels on different cores,
-    # so on CPU 2 parts train about 1.15x faster (docs/performance.md). Leave 1 on accelerators.
+    # XLA's CPU runtime overlaps independent kernels, which fills the cores during its serial stretches, so
+    # on CPU 2 parts train about 1.15x faster (docs/performance.md). Leave 1 on accelerators.
     batch_splits: int = 1
     # Initialisation of the caption RMSNorm weight (SANA trains with 0.01).
     caption_norm_init: float = 0.01
@@ -70,7 +72,8 @@ class SanaConfig:
                       "batch_splits"):
             value = getattr(self, field)
             check(field, isinstance(value, int) and value > 0, "a positive integer")
-        check("unroll_blocks", isinstance(self.unroll_blocks, bool), "True or False")
+        check("unroll_blocks", self.unroll_blocks is None or isinstance(self.unroll_blocks, bool),
+              "True, False or None (unrolled on CPU, scanned on accelerators)")
         check("interpolation_scale", self.interpolation_scale is None
               or (isinstance(self.interpolation_scale, int | float) and self.interpolation_scale > 0
                   and self.hidden % 4 == 0), f"None or a positive number (with a hidden size {self.hidden} "
@@ -91,6 +94,13 @@ class SanaConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.hidden)
+
+    def blocks_unrolled(self) -> bool:
+        """Whether the loop over blocks runs unrolled: `unroll_blocks`, or for None, whether JAX's default
+        backend is the CPU."""
+        if self.unroll_blocks is None:
+            return jax.default_backend() == "cpu"
+        return self.unroll_blocks
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -412,7 +412,7 @@ class SanaTransformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.depth,
-            unroll=cfg.depth if cfg.unroll_blocks else 1,
+            unroll=cfg.depth if cfg.blocks_unrolled() else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, h, w, self.collect_hidden, name="blocks")
         x_in = x

@@ -152,7 +152,7 @@ def main(argv: list[str]) -> None:
         rows[name] = {"ms": ms, "ms_per_round": samples[name], "images_per_s": batch / ms * 1e3,
                       "tflops": flops / ms * 1e-9 if flops else None}
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
-          f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.unroll_blocks else 'scanned'} blocks, "
+          f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.blocks_unrolled() else 'scanned'} blocks, "
           f"{config.batch_splits} batch part(s)) "
           f"batch={batch} latent={latent}x{latent} text_len={text_len} dtype={config.compute_dtype} "
           f"rounds={_ROUNDS.value} x {_REPEATS.value} calls")
