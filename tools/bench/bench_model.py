@@ -1,6 +1,7 @@
 """Times the SANA forward and forward+backward on the current backend.
 
-Prints ms per call, images/s and achieved TFLOP/s (XLA's own FLOP count of the compiled step) for a preset and
+Prints ms per call, images/s, achieved TFLOP/s (XLA's own FLOP count of the compiled step) and the scratch
+memory XLA allocates per call (on CPU mapped and zeroed afresh at every call: docs/performance.md) for a preset and
 batch; with --diffusers, also times diffusers' `SanaTransformer2DModel` (eager, and torch.compile with
 --torch_compile) on the same configuration in the same run, the calls alternating round by round, and
 sana-jax's speed relative to each diffusers variant per round.
@@ -28,15 +29,19 @@ from sana_jax.model.config import COMPUTE_DTYPES, REMAT_POLICIES
 from sana_jax.trainer.loop import model_config_for
 
 
-def compiled_flops(jitted, *args) -> float | None:
-    cost = jitted.lower(*args).compile().cost_analysis()
+def compiled_costs(jitted, *args) -> tuple[float | None, int | None]:
+    """(XLA's FLOP count, bytes of scratch memory per call) of the compiled program; None where not reported."""
+    compiled = jitted.lower(*args).compile()
+    cost = compiled.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    memory = compiled.memory_analysis()
+    return (float(cost["flops"]) if cost and "flops" in cost else None,
+            memory.temp_size_in_bytes if memory is not None else None)
 
 
 def jax_calls(config, batch: int, latent: int, text_len: int) -> dict[str, tuple]:
-    """name -> (call, sync, XLA's FLOP count) of sana-jax's jitted forward and forward+backward."""
+    """name -> (call, sync, XLA's FLOP count, scratch bytes) of sana-jax's jitted forward and forward+backward."""
     key = jax.random.key(0)
     params = init_params(config, key)
     rng = np.random.default_rng(0)
@@ -55,12 +60,12 @@ def jax_calls(config, batch: int, latent: int, text_len: int) -> dict[str, tuple
     for name, fn, args in (("forward", fwd, (params, config, latents, timesteps, text, mask)),
                            ("forward+backward", fwd_bwd, (params, latents, timesteps, text, mask))):
         calls[f"{name} (sana-jax)"] = (functools.partial(fn, *args), jax.block_until_ready,
-                                       compiled_flops(fn, *args))
+                                       *compiled_costs(fn, *args))
     return calls
 
 
 def diffusers_calls(config, batch: int, latent: int, text_len: int, compile_: bool) -> dict[str, tuple]:
-    """name -> (call, sync, None) of diffusers' forward and forward+backward, eager (and torch.compile)."""
+    """name -> (call, sync, None, None) of diffusers' forward and forward+backward, eager (and torch.compile)."""
     import torch
     from diffusers import SanaTransformer2DModel
 
@@ -97,7 +102,7 @@ def diffusers_calls(config, batch: int, latent: int, text_len: int, compile_: bo
             torch.mean(torch.square(out - latents)).backward()
 
         for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-            calls[f"{name} (diffusers {label})"] = (fn, lambda _: sync(), None)
+            calls[f"{name} (diffusers {label})"] = (fn, lambda _: sync(), None, None)
     return calls
 
 
@@ -144,22 +149,24 @@ def main(argv: list[str]) -> None:
     calls = jax_calls(config, batch, latent, text_len)
     if _DIFFUSERS.value:
         calls.update(diffusers_calls(config, batch, latent, text_len, _TORCH_COMPILE.value))
-    samples = interleaved_ms({name: (fn, sync) for name, (fn, sync, _) in calls.items()},
+    samples = interleaved_ms({name: (fn, sync) for name, (fn, sync, _, _) in calls.items()},
                              rounds=_ROUNDS.value, repeats=_REPEATS.value)
     rows = {}
-    for name, (_, _, flops) in calls.items():
+    for name, (_, _, flops, scratch) in calls.items():
         ms = float(np.median(samples[name]))
         rows[name] = {"ms": ms, "ms_per_round": samples[name], "images_per_s": batch / ms * 1e3,
-                      "tflops": flops / ms * 1e-9 if flops else None}
+                      "tflops": flops / ms * 1e-9 if flops else None,
+                      "scratch_mib": scratch / 2**20 if scratch is not None else None}
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
           f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.blocks_unrolled() else 'scanned'} blocks, "
           f"{config.batch_splits} batch part(s)) "
           f"batch={batch} latent={latent}x{latent} text_len={text_len} dtype={config.compute_dtype} "
           f"rounds={_ROUNDS.value} x {_REPEATS.value} calls")
-    print(f"{'what':<44} {'ms':>10} {'images/s':>10} {'TFLOP/s':>9}")
+    print(f"{'what':<44} {'ms':>10} {'images/s':>10} {'TFLOP/s':>9} {'scratch MiB':>12}")
     for name, row in rows.items():
         tflops = f"{row['tflops']:.3f}" if row["tflops"] else "-"
-        print(f"{name:<44} {row['ms']:>10.1f} {row['images_per_s']:>10.1f} {tflops:>9}")
+        scratch = f"{row['scratch_mib']:.0f}" if row["scratch_mib"] is not None else "-"
+        print(f"{name:<44} {row['ms']:>10.1f} {row['images_per_s']:>10.1f} {tflops:>9} {scratch:>12}")
     for name in rows:  # sana-jax's speed relative to each diffusers variant, round by round
         if "(diffusers" in name:
             ours = np.asarray(samples[name.split(" (")[0] + " (sana-jax)"])
