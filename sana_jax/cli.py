@@ -1,12 +1,15 @@
 """What the command lines share: absl flags parsed with user mistakes reported as one line (exit status 2),
-the allocator setting that long CPU runs want, and a compilation cache kept between runs.
+the allocator settings that long CPU runs want, and a compilation cache kept between runs.
 
 Each command defines its flags on its own `flags.FlagValues` (so one process can import several commands and
 parse a command line more than once, as the tests do) and parses them with `parse`.
+
+`python -m sana_jax.cli COMMAND [ARGS...]` runs any other program (Jupyter, a script) with the allocator settings.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,6 +20,11 @@ from absl import flags
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull")
 # glibc (>= 2.35) tunable: malloc asks for transparent huge pages on the large blocks it maps.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# gperftools' tcmalloc (Debian and Ubuntu: libtcmalloc-minimal4), preloaded where installed.
+TCMALLOC = "tcmalloc_minimal"
+# tcmalloc reports each allocation above this many bytes on stderr; a 4.8B model's weights are larger than its
+# default (1 GiB).
+TCMALLOC_REPORT_BYTES = str(1 << 40)
 # The commands' compilation cache holds at most this much; the least recently used programs go first.
 COMPILATION_CACHE_MAX_BYTES = 2 << 30
 
@@ -47,30 +55,64 @@ def parse(values: flags.FlagValues, argv: Sequence[str] | None, doc: str, *, pos
     return rest
 
 
-def huge_pages_environment(environ: Mapping[str, str], platform: str = sys.platform) -> dict[str, str] | None:
-    """`environ` with `HUGE_PAGES_TUNABLE` added to GLIBC_TUNABLES; None on other systems than Linux or when
-    GLIBC_TUNABLES already sets glibc.malloc.hugetlb (=0 keeps it off)."""
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if platform != "linux" or "glibc.malloc.hugetlb" in tunables:
-        return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
+def find_tcmalloc() -> str | None:
+    """The shared library of gperftools' tcmalloc as the dynamic loader names it (libtcmalloc_minimal.so.4), or
+    None where it is not installed."""
+    return ctypes.util.find_library(TCMALLOC)
 
 
-def restart_with_huge_pages() -> None:
-    """Re-executes this process (same interpreter, same command line) with `huge_pages_environment`, if it differs.
+def allocator_environment(environ: Mapping[str, str], platform: str = sys.platform,
+                          tcmalloc: str | None = None) -> dict[str, str] | None:
+    """`environ` with the allocator settings for XLA's CPU runtime, or None where it already has them (or off Linux).
 
-    Call it first thing in a command's `__main__`, before any thread starts. XLA's CPU runtime allocates a step's
-    temporaries afresh at every call (230 MB for the main job's training step) and glibc maps such blocks anew
-    each time, so every step faults in and zeroes them 4 KiB at a time: a quarter of the CPU time went to the
-    kernel. Backed by 2 MiB pages, the training step runs 20-30 % faster (docs/performance.md). Other C
-    libraries ignore the variable, and a kernel with transparent huge pages off ignores the request.
+    Adds LD_PRELOAD=`tcmalloc` when one is given and the caller sets no LD_PRELOAD (an empty one keeps glibc's
+    malloc), with TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD raised unless set; and `HUGE_PAGES_TUNABLE` to
+    GLIBC_TUNABLES unless the caller sets glibc.malloc.hugetlb (=0 keeps it off), for glibc's malloc.
     """
-    environ = huge_pages_environment(os.environ)
+    if platform != "linux":
+        return None
+    added = {}
+    if tcmalloc and "LD_PRELOAD" not in environ:
+        added["LD_PRELOAD"] = tcmalloc
+        added["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD",
+                                                                     TCMALLOC_REPORT_BYTES)
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        added["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    return {**environ, **added} if added else None
+
+
+def restart_with_allocator_settings() -> None:
+    """Re-executes this process (same interpreter, same command line) with `allocator_environment`, if it differs.
+
+    Call it first thing in a command's `__main__`, before any thread starts. XLA's CPU runtime allocates a
+    program's temporaries afresh at every call (230 MiB for the pretrain model's forward+backward, 650 MiB for
+    the `small` preset's), and glibc maps blocks that large anew each time, so the kernel faults in and zeroes
+    them at every call. tcmalloc keeps freed blocks for the next call: system time falls from about 0.3 to 0.01-0.07
+    s per second and forward+backward runs 15-30 % faster; glibc's huge-page tunable, for machines without
+    tcmalloc, makes the faults 512x fewer (docs/performance.md). A kernel with transparent huge pages off ignores
+    the tunable, and other C libraries ignore the variable.
+    """
+    environ = _allocator_environment_here()
     if environ is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
+def _allocator_environment_here() -> dict[str, str] | None:
+    tcmalloc = find_tcmalloc() if "LD_PRELOAD" not in os.environ else None
+    return allocator_environment(os.environ, tcmalloc=tcmalloc)
+
+
+def malloc_in_use() -> str:
+    """"tcmalloc" when this process runs with tcmalloc loaded, else "system"."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "tcmalloc" if any("libtcmalloc" in line for line in maps) else "system"
+    except OSError:
+        return "system"
 
 
 def compilation_cache_dir(environ: Mapping[str, str]) -> str | None:
@@ -99,3 +141,21 @@ def use_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     # A size limit also makes jax lock entries against concurrent writers (two commands run at once).
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+
+
+def main(argv: Sequence[str]) -> NoReturn:
+    """`python -m sana_jax.cli COMMAND [ARGS...]`: runs COMMAND with `allocator_environment`, e.g. `jupyter lab`
+    or `python my_script.py`."""
+    if not argv:
+        fail("expected a command to run with the allocator settings, e.g. python -m sana_jax.cli jupyter lab")
+    environ = _allocator_environment_here() or dict(os.environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], list(argv), environ)
+    except OSError as error:
+        fail(f"{argv[0]}: {error.strerror}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sana_jax.cli import fail, restart_with_huge_pages, use_compilation_cache
+from sana_jax.cli import fail, restart_with_allocator_settings, use_compilation_cache
 from sana_jax.trainer import Stopped, WorkdirError, run, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with get_config()", lock_config=True)
@@ -91,6 +91,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
+    restart_with_allocator_settings()
     use_compilation_cache()
     app.run(main, flags_parser=_parse_flags)

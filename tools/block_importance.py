@@ -125,5 +125,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.restart_with_allocator_settings()
     cli.use_compilation_cache()
     app.run(main)

@@ -75,5 +75,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    cli.restart_with_allocator_settings()
     cli.use_compilation_cache()
     main()

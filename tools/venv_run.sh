@@ -16,14 +16,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
   echo "$want" > "$stamp"
 fi
-# glibc's malloc backs large blocks with transparent huge pages: XLA's CPU steps run 20-30 % faster
-# (docs/performance.md; sana_jax.cli.restart_with_huge_pages does the same for `python -m sana_jax.train`).
-# A glibc.malloc.hugetlb setting of the caller's wins.
-case "${GLIBC_TUNABLES:-}" in
-  *glibc.malloc.hugetlb*) ;;
-  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
-esac
 export PATH="$venv/bin:$PATH"
 export VIRTUAL_ENV="$venv"
 cd "$root"
-exec "$@"
+# With the allocator settings of sana_jax.cli.allocator_environment: tcmalloc where installed, else glibc's malloc
+# on huge pages (XLA's CPU steps run 15-30 % faster; docs/performance.md).
+exec "$venv/bin/python" -m sana_jax.cli "$@"

@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sana_jax import cli
 from sana_jax.benchmarking import interleaved_ms
 from sana_jax.data.pipeline import DataConfig, element_shapes
 from sana_jax.model import forward, init_params, preset
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> None:
           f"model=D{config.hidden}x{config.depth} ({'unrolled' if config.blocks_unrolled() else 'scanned'} blocks, "
           f"{config.batch_splits} batch part(s)) "
           f"batch={batch} latent={latent}x{latent} text_len={text_len} dtype={config.compute_dtype} "
-          f"rounds={_ROUNDS.value} x {_REPEATS.value} calls")
+          f"rounds={_ROUNDS.value} x {_REPEATS.value} calls malloc={cli.malloc_in_use()}")
     print(f"{'what':<44} {'ms':>10} {'images/s':>10} {'TFLOP/s':>9} {'scratch MiB':>12}")
     for name, row in rows.items():
         tflops = f"{row['tflops']:.3f}" if row["tflops"] else "-"
@@ -181,4 +182,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.restart_with_allocator_settings()
     app.run(main)

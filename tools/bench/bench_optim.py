@@ -15,6 +15,7 @@ import jax
 import optax
 from absl import app, flags
 
+from sana_jax import cli
 from sana_jax.benchmarking import median_ms
 from sana_jax.model import preset
 from sana_jax.model.transformer import init_params
@@ -90,4 +91,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.restart_with_allocator_settings()
     app.run(main)

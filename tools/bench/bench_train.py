@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sana_jax import cli
 from sana_jax.benchmarking import median_ms
 from sana_jax.data.pipeline import DataConfig, make_train_iterator
 from sana_jax.model import init_params
@@ -99,7 +100,7 @@ def main(argv: list[str]) -> None:
     print(f"device={device.device_kind} backend={jax.default_backend()} model={config.model.preset} "
           f"depth={model_config.depth} hidden={model_config.hidden} batch={batch_size} "
           f"latent={side}x{side} optimizer={config.optimizer.name} dtype={model_config.compute_dtype} "
-          f"data={_DATA.value} steps_per_call={per_call}")
+          f"data={_DATA.value} steps_per_call={per_call} malloc={cli.malloc_in_use()}")
     print(f"{'compile s':>10} {'ms/step':>9} {'steps/s':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
     mfu = f"{tflops / peak:.1%}" if peak else "-"
     print(f"{compile_s:>10.1f} {seconds * 1e3:>9.1f} {1 / seconds:>8.2f} {batch_size / seconds:>9.1f} "
@@ -107,4 +108,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.restart_with_allocator_settings()
     app.run(main)
