@@ -22,8 +22,8 @@ HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull")
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 # gperftools' tcmalloc (Debian and Ubuntu: libtcmalloc-minimal4), preloaded where installed.
 TCMALLOC = "tcmalloc_minimal"
-# tcmalloc reports each allocation above this many bytes on stderr; a 4.8B model's weights are larger than its
-# default (1 GiB).
+# tcmalloc reports each allocation above this many bytes on stderr; XLA's scratch for the larger models outgrows
+# its default (1 GiB).
 TCMALLOC_REPORT_BYTES = str(1 << 40)
 # The commands' compilation cache holds at most this much; the least recently used programs go first.
 COMPILATION_CACHE_MAX_BYTES = 2 << 30
@@ -88,10 +88,10 @@ def restart_with_allocator_settings() -> None:
     Call it first thing in a command's `__main__`, before any thread starts. XLA's CPU runtime allocates a
     program's temporaries afresh at every call (230 MiB for the pretrain model's forward+backward, 650 MiB for
     the `small` preset's), and glibc maps blocks that large anew each time, so the kernel faults in and zeroes
-    them at every call. tcmalloc keeps freed blocks for the next call: system time falls from about 0.3 to 0.01-0.07
-    s per second and forward+backward runs 15-30 % faster; glibc's huge-page tunable, for machines without
-    tcmalloc, makes the faults 512x fewer (docs/performance.md). A kernel with transparent huge pages off ignores
-    the tunable, and other C libraries ignore the variable.
+    them at every call. tcmalloc keeps freed blocks for the next call: system time falls from about 0.3 to
+    0.01-0.07 s per second and the `small` preset's forward+backward runs 17-18 % faster. Without tcmalloc,
+    glibc's huge-page tunable makes the faults 512x fewer (docs/performance.md). A kernel with transparent huge
+    pages off ignores the tunable, and other C libraries ignore the variable.
     """
     environ = _allocator_environment_here()
     if environ is None:
@@ -107,7 +107,7 @@ def _allocator_environment_here() -> dict[str, str] | None:
 
 
 def malloc_in_use() -> str:
-    """"tcmalloc" when this process runs with tcmalloc loaded, else "system"."""
+    """Which malloc this process runs with: "tcmalloc" when tcmalloc is loaded, else "system"."""
     try:
         with open("/proc/self/maps") as maps:
             return "tcmalloc" if any("libtcmalloc" in line for line in maps) else "system"

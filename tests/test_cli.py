@@ -114,9 +114,12 @@ def test_glibc_tunable_backs_large_blocks_with_huge_pages_when_tcmalloc_is_kept_
 def test_the_module_runs_a_command_with_the_allocator_settings():
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARIABLES}
     shown = subprocess.run([sys.executable, "-m", "sana_jax.cli", sys.executable, "-c",
-                            "import os; print(os.environ.get('LD_PRELOAD'), os.environ.get('GLIBC_TUNABLES'))"],
+                            "import os; from sana_jax import cli; e = os.environ; "
+                            "print(e.get('LD_PRELOAD'), e.get('GLIBC_TUNABLES'), cli.malloc_in_use())"],
                            env=env, capture_output=True, text=True, timeout=60)
-    expected = f"{cli.find_tcmalloc()} {cli.HUGE_PAGES_TUNABLE}" if sys.platform == "linux" else "None None"
+    tcmalloc = cli.find_tcmalloc()
+    expected = (f"{tcmalloc} {cli.HUGE_PAGES_TUNABLE} {'system' if tcmalloc is None else 'tcmalloc'}"
+                if sys.platform == "linux" else "None None system")
     assert shown.returncode == 0 and shown.stdout.strip() == expected, shown
     missing = subprocess.run([sys.executable, "-m", "sana_jax.cli", "no-such-command-here"], env=env,
                              capture_output=True, text=True, timeout=60)

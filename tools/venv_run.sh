@@ -20,5 +20,5 @@ export PATH="$venv/bin:$PATH"
 export VIRTUAL_ENV="$venv"
 cd "$root"
 # With the allocator settings of sana_jax.cli.allocator_environment: tcmalloc where installed, else glibc's malloc
-# on huge pages (XLA's CPU steps run 15-30 % faster; docs/performance.md).
+# on huge pages (XLA's CPU steps run up to 30 % faster; docs/performance.md).
 exec "$venv/bin/python" -m sana_jax.cli "$@"

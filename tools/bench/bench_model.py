@@ -1,10 +1,10 @@
 """Times the SANA forward and forward+backward on the current backend.
 
 Prints ms per call, images/s, achieved TFLOP/s (XLA's own FLOP count of the compiled step) and the scratch
-memory XLA allocates per call (on CPU mapped and zeroed afresh at every call: docs/performance.md) for a preset and
-batch; with --diffusers, also times diffusers' `SanaTransformer2DModel` (eager, and torch.compile with
---torch_compile) on the same configuration in the same run, the calls alternating round by round, and
-sana-jax's speed relative to each diffusers variant per round.
+memory XLA allocates per call (on CPU with glibc's malloc, mapped and zeroed afresh at every call:
+docs/performance.md), and the malloc in use, for a preset and batch; with --diffusers, also times diffusers'
+`SanaTransformer2DModel` (eager, and torch.compile with --torch_compile) on the same configuration in the same
+run, the calls alternating round by round, and sana-jax's speed relative to each diffusers variant per round.
 
   python tools/bench/bench_model.py --preset=small --batch=8 --latent=16 --text_len=32 --diffusers
   python tools/bench/bench_model.py --config=configs/pretrain.py --diffusers      # the main job's model and batch
