@@ -94,16 +94,20 @@ def restart_with_allocator_settings() -> None:
     pages off ignores the tunable, and other C libraries ignore the variable.
     """
     environ = _allocator_environment_here()
-    if environ is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    if environ is not None:
+        _exec([sys.executable, *sys.orig_argv[1:]], environ)
 
 
 def _allocator_environment_here() -> dict[str, str] | None:
     tcmalloc = find_tcmalloc() if "LD_PRELOAD" not in os.environ else None
     return allocator_environment(os.environ, tcmalloc=tcmalloc)
+
+
+def _exec(argv: Sequence[str], environ: Mapping[str, str]) -> NoReturn:
+    """Replaces this process with `argv` (looked up on PATH) under `environ`, after flushing what it printed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], list(argv), environ)
 
 
 def malloc_in_use() -> str:
@@ -148,11 +152,8 @@ def main(argv: Sequence[str]) -> NoReturn:
     or `python my_script.py`."""
     if not argv:
         fail("expected a command to run with the allocator settings, e.g. python -m sana_jax.cli jupyter lab")
-    environ = _allocator_environment_here() or dict(os.environ)
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        os.execvpe(argv[0], list(argv), environ)
+        _exec(argv, _allocator_environment_here() or os.environ)
     except OSError as error:
         fail(f"{argv[0]}: {error.strerror}")
 
