@@ -15,9 +15,9 @@ registers; with `splits > 1` each sweep is its own kernel over (batch * heads, s
 owning a token range, and the partial states are summed in between (for small batch * heads).
 
 Arrays are row-major (B, N, H, d), so a token row of one head is d contiguous elements and rows are
-H * d apart; no transposes are needed around the calls. Inputs may be float32 or bfloat16; every
-product and sum is float32. This module imports triton, and imports jax_triton only when a kernel
-is called.
+H * d apart; no transposes are needed around the calls. Inputs may be float32 or bfloat16; they
+are upcast to float32, every sum is float32, and `input_precision` says how tl.dot rounds its
+operands. This module imports triton, and imports jax_triton only when a kernel is called.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class LaunchConfig:
     splits: int
     num_warps: int
     num_stages: int
-    precision: str = "tf32x3"
+    precision: str
 
     def split(self, tokens: int) -> tuple[int, int]:
         """(tokens per split, a whole number of tiles; number of splits, <= `splits`) covering `tokens`."""
@@ -275,15 +275,31 @@ def _require_head_dim(head_dim: int) -> None:
         raise ValueError(f"head dim {head_dim}: the Triton kernels support {HEAD_DIMS}")
 
 
-def launch_config(batch_heads: int, tokens: int, head_dim: int) -> LaunchConfig:
-    """The table's launch config for B * H = `batch_heads` heads of `tokens` tokens."""
+def input_precision(dtype: jnp.dtype, head_dim: int) -> str:
+    """tl.dot's input precision for the products of `dtype` (B, N, H, `head_dim`) inputs.
+
+    bfloat16: "tf32". A bfloat16 value (8 significant bits) is exact in TF32 (11), so only operands
+    computed in float32 (the state, and the backward's dout / den) are rounded, to 2^-11 relative:
+    four times finer than the rounding of the bfloat16 result.
+    float32: "tf32x3" (three TF32 products, about float32 accuracy), except at d = 128, where its split
+    operands need at least 288 KiB of shared memory in the backward (Hopper has 227 KiB per program):
+    "ieee" there.
+    """
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return "tf32"
+    return "ieee" if head_dim == 128 else "tf32x3"
+
+
+def launch_config(batch_heads: int, tokens: int, head_dim: int, dtype: jnp.dtype) -> LaunchConfig:
+    """The table's launch config for B * H = `batch_heads` heads of `tokens` tokens of `dtype`."""
     _require_head_dim(head_dim)
     block_n, num_warps, num_stages = TILE_TABLE[head_dim]
     splits = 1
     if batch_heads < TARGET_PROGRAMS:
         splits = max(1, min(math.ceil(TARGET_PROGRAMS / batch_heads),
                             tokens // (MIN_TILES_PER_SPLIT * block_n)))
-    return LaunchConfig(block_n=block_n, splits=splits, num_warps=num_warps, num_stages=num_stages)
+    return LaunchConfig(block_n=block_n, splits=splits, num_warps=num_warps, num_stages=num_stages,
+                        precision=input_precision(dtype, head_dim))
 
 
 # ----------------------------------------------------------------------------- JAX launchers
@@ -331,7 +347,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, eps: float,
       out (B, N, H, d) in the input dtype, state S (B, H, d, d) and key sum z (B, H, d) in float32.
     """
     batch, tokens, heads, head_dim = _check({"q": q, "k": k, "v": v})
-    config = config or launch_config(batch * heads, tokens, head_dim)
+    config = config or launch_config(batch * heads, tokens, head_dim, q.dtype)
     triton_call = import_jax_triton().triton_call
     eps = np.float32(eps)
     out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
@@ -360,7 +376,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array, key_sum
     state (B, H, d, d) and key_sum (B, H, d) are the float32 residuals `forward` returned.
     """
     batch, tokens, heads, head_dim = _check({"q": q, "k": k, "v": v, "dout": dout})
-    config = config or launch_config(batch * heads, tokens, head_dim)
+    config = config or launch_config(batch * heads, tokens, head_dim, q.dtype)
     triton_call = import_jax_triton().triton_call
     eps = np.float32(eps)
     grad_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)

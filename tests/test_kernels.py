@@ -177,16 +177,57 @@ def test_launch_table_splits_tokens_only_when_heads_are_few():
     from sana_jax.kernels import triton_linear_attention as kernels
 
     for head_dim in kernels.HEAD_DIMS:
-        many = kernels.launch_config(16 * 70, 4096, head_dim)  # SANA training: a program per head
+        many = kernels.launch_config(16 * 70, 4096, head_dim, jnp.bfloat16)  # SANA training: a program per head
         assert many.splits == 1 and many.block_n >= 16
-        few = kernels.launch_config(2 * 70, 4096, head_dim)  # batch 2: split the tokens
+        few = kernels.launch_config(2 * 70, 4096, head_dim, jnp.bfloat16)  # batch 2: split the tokens
         assert few.splits > 1 and 2 * 70 * few.splits >= kernels.TARGET_PROGRAMS
         for tokens in (1, 37, 300, 1000, 4096):
             split_tokens, splits = dataclasses.replace(few, splits=3).split(tokens)
             assert split_tokens % few.block_n == 0 and 1 <= splits <= 3
             assert (splits - 1) * split_tokens < tokens <= splits * split_tokens
     with pytest.raises(ValueError, match="head dim 48"):
-        kernels.launch_config(8, 64, 48)
+        kernels.launch_config(8, 64, 48, jnp.float32)
+
+
+# Shared memory one program may use on Hopper (H100, H200): 227 KiB. On an H200, a d = 128 backward that
+# asked for 344064 B failed to launch.
+HOPPER_SHARED_MEMORY = 232448
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_launch_table_fits_hopper_shared_memory(head_dim, dtype, tmp_path, monkeypatch):
+    """Every kernel, compiled for sm_90 at the table's config (Triton's own ptxas; no GPU needed), fits."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sana_jax.kernels import triton_linear_attention as kernels
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    names = {"float32": "fp32", "bfloat16": "bf16"}
+    config = kernels.launch_config(16 * 70, 4096, head_dim, jnp.dtype(dtype))
+    meta = {"D": head_dim, "BLOCK_N": config.block_n, "PRECISION": config.precision}
+
+    def argument_type(name):
+        if name in meta:
+            return "constexpr"
+        if name.endswith("_ptr"):  # states and key sums are float32 whatever the inputs
+            return "*fp32" if "state" in name or "key_sum" in name else f"*{names[dtype]}"
+        return "fp32" if name == "eps" else "i32"
+
+    shared = {}
+    for kernel in (kernels._forward_kernel, kernels._partial_state_kernel, kernels._output_kernel,
+                   kernels._backward_kernel, kernels._query_grad_kernel, kernels._key_grad_kernel):
+        parameters = list(inspect.signature(kernel.fn).parameters)
+        source = ASTSource(kernel, {name: argument_type(name) for name in parameters},
+                           constexprs={(parameters.index(name),): value for name, value in meta.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        shared[kernel.fn.__name__] = compiled.metadata.shared
+    assert max(shared.values()) <= HOPPER_SHARED_MEMORY, (config, shared)
 
 
 # ----------------------------------------------------------------------------- tools/bench_gpu.py
@@ -333,7 +374,8 @@ def _run_child(out_dir: str) -> None:
 
     for seed, (case, (tokens, head_dim, dtype, (block_n, splits))) in enumerate(INTERPRETED.items()):
         q, k, v, dout = (jnp.asarray(x, dtype) for x in _inputs(seed, (2, tokens, 2, head_dim), dtype))
-        config = kernels.LaunchConfig(block_n=block_n, splits=splits, num_warps=4, num_stages=2)
+        config = kernels.LaunchConfig(block_n=block_n, splits=splits, num_warps=4, num_stages=2,
+                                      precision=kernels.input_precision(dtype, head_dim))
         out, state, key_sum = kernels.forward(q, k, v, EPS, config)
         dq, dk, dv = kernels.backward(q, k, v, state, key_sum, dout, EPS, config)
         save(case, q=q, k=k, v=v, dout=dout, out=out, dq=dq, dk=dk, dv=dv)

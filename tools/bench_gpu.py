@@ -176,7 +176,9 @@ def check(out: dict, run: Run) -> None:
     from sana_jax.kernels import triton_linear_attention as kernels
 
     reason = triton_unavailable()
-    tolerance = {"float32": 1e-4, "bfloat16": 2e-2}
+    # XLA's default precision on a GPU runs float32 products on TF32 tensor cores (operands rounded to
+    # 2^-11), which an H200 measured at 2.2-2.8e-4 relative error in the output.
+    tolerance = {"float32": 1e-4, "bfloat16": 2e-2, "float32 through XLA on a GPU": 1e-3}
     out.update(seed=run.seed, triton_unavailable=reason, tolerance=tolerance, cases={})
 
     @jax.jit
@@ -198,30 +200,32 @@ def check(out: dict, run: Run) -> None:
             return result, kernels.backward(q, k, v, state, key_sum, dout, EPS, config)
         return jax.jit(run)
 
-    def case(path, inputs, expected, dtype):
+    def case(path, inputs, expected, limit):
         result, grads = path(*inputs)
         floor = float(jnp.linalg.norm(inputs[3].astype(jnp.float32)))
         errors = {"out": relative_error(result, expected[0])}
         errors.update({n: relative_error(g, e, floor)
                        for n, g, e in zip(("dq", "dk", "dv"), grads, expected[1], strict=True)})
-        return {**errors, "pass": all(e < tolerance[dtype] for e in errors.values())}  # NaN fails
+        return {**errors, "pass": all(e < limit for e in errors.values())}  # NaN fails
 
     for head_dim in run.shapes.check_head_dims:
-        paths = {"xla_custom_vjp": through_custom_vjp("xla")}
-        if reason is None:
-            block_n = kernels.TILE_TABLE[head_dim][0]
-            paths["triton_custom_vjp"] = through_custom_vjp("triton")
-            paths["triton_fused"] = through_launchers(kernels.LaunchConfig(block_n, 1, 4, 2))
-            paths["triton_split3"] = through_launchers(kernels.LaunchConfig(block_n, 3, 4, 2))
         for dtype in ("float32", "bfloat16"):
+            paths = {"xla_custom_vjp": through_custom_vjp("xla")}
+            if reason is None:
+                table = kernels.launch_config(1, 1, head_dim, jnp.dtype(dtype))
+                paths["triton_custom_vjp"] = through_custom_vjp("triton")
+                paths["triton_fused"] = through_launchers(dataclasses.replace(table, splits=1))
+                paths["triton_split3"] = through_launchers(dataclasses.replace(table, splits=3))
             for tokens in run.shapes.check_tokens:
                 key = jax.random.fold_in(jax.random.key(run.seed), tokens * 1000 + head_dim)
                 inputs = random_arrays(key, (2, tokens, 3, head_dim), jnp.dtype(dtype))
                 expected = reference(*inputs)
                 for name, path in paths.items():
                     run.budget.require(5, "the remaining checks")
+                    tf32 = name.startswith("xla") and dtype == "float32" and jax.default_backend() == "gpu"
+                    limit = tolerance["float32 through XLA on a GPU" if tf32 else dtype]
                     guarded(out["cases"], f"{name}/d{head_dim}/{dtype}/n{tokens}",
-                            lambda p=path, i=inputs, e=expected, d=dtype: case(p, i, e, d))
+                            lambda p=path, i=inputs, e=expected, m=limit: case(p, i, e, m))
     out["all_pass"] = all(c.get("pass", False) for c in out["cases"].values())
 
 
@@ -414,13 +418,14 @@ def sweep(out: dict, run: Run) -> None:
         one = functools.partial(dataclasses.replace, table)
         return {"table": table, "block32": one(block_n=32), "block128": one(block_n=128),
                 "warps2": one(num_warps=2), "warps8": one(num_warps=8), "stages3": one(num_stages=3),
-                "ieee": one(precision="ieee"), "tf32": one(precision="tf32"),
+                **{precision: one(precision=precision) for precision in ("ieee", "tf32x3", "tf32")
+                   if precision != table.precision},
                 "splits1" if table.splits > 1 else "splits2": one(splits=1 if table.splits > 1 else 2)}
 
     for tokens in shapes.attention_tokens:
         shape = (shapes.attention_batch, tokens, shapes.attention_heads, 32)
         q, k, v, dout = random_arrays(jax.random.key(tokens), shape, jnp.bfloat16)
-        table = kernels.launch_config(shape[0] * shape[2], tokens, 32)
+        table = kernels.launch_config(shape[0] * shape[2], tokens, 32, jnp.bfloat16)
         _, state, key_sum = jax.jit(functools.partial(kernels.forward, eps=EPS, config=table))(q, k, v)
         forward_args, backward_args = (q, k, v), (q, k, v, state, key_sum, dout)
         best = {}
@@ -491,7 +496,8 @@ def flag_values() -> flags.FlagValues:
     flags.DEFINE_string("out", None, "JSON path (default: $OUT/bench_gpu.json, else ./bench_gpu.json)", **define)
     flags.DEFINE_float("budget-s", 540.0, "wall-clock seconds for the run; measurements that would overrun are "
                        "skipped", **define)
-    flags.DEFINE_list("sections", list(SECTIONS), f"comma-separated subset of {SECTIONS}", **define)
+    flags.DEFINE_list("sections", list(SECTIONS), f"comma-separated subset of {SECTIONS}, run in the "
+                       "order given", **define)
     flags.DEFINE_integer("repeats", None, "timed samples per measurement (default 10, each the mean of 5 calls)",
                          **define)
     flags.DEFINE_integer("seed", None, "seed of the check inputs (default: from the clock)", **define)
@@ -568,9 +574,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     budget = Budget(args.budget_s)
     results: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": args.budget_s, "seed": args.seed}
     with tempfile.TemporaryDirectory() as scratch:
-        for section in SECTIONS:
-            if section not in args.sections:
-                continue
+        for section in args.sections:
             print(f"[bench_gpu] {section}: {budget.left():.0f} s of the budget left", flush=True)
             start = time.monotonic()
             if budget.left() < 10:
