@@ -1,7 +1,7 @@
 """One-call GPU benchmark of the linear-attention kernels and the SANA 1.5 1.6B model.
 
-Sections, in order; every measurement is guarded (a failure is recorded and the rest runs) and is
-skipped once the time budget would be overrun:
+Sections, in their default order (`--sections` picks and orders them); every measurement is guarded
+(a failure is recorded and the rest runs) and is skipped once the time budget would be overrun:
 
   environment  backend, device, package versions, and whether the Triton path can run.
   check        Triton kernels vs the float32 reference on fresh random inputs: forward and gradients,
