@@ -254,7 +254,7 @@ def test_bench_gpu_dry_run_times_every_section(tmp_path):
     for name in ("xla", "xla_custom_vjp"):
         for direction in ("forward", "forward+backward"):
             assert results["kernels"][f"{name}/{direction}/n37"]["us"] > 0
-    for name in ("xla/forward/b2", "xla/train_step/b2"):
+    for name in ("xla/forward/b2", "xla/train_step/b2", "xla/forward/b2/bf16_params"):
         assert results["model"][name]["ms"] > 0
     for name in ("eager/forward/b2", "eager/train_step/b2"):
         assert results["diffusers"][name]["ms"] > 0

@@ -295,8 +295,10 @@ def _model_config(shapes: Shapes):
 def model(out: dict, run: Run) -> None:
     """sana_jax.model forward and training-step times, attention_impl "xla" vs "triton".
 
-    The training step is forward + backward (no optimizer) of the flow-matching MSE
-    mean((v(x_t, t) - (noise - x0))^2) with x_t = (1 - sigma) x0 + sigma noise.
+    Parameters are float32 and cast to bfloat16 at every call, as in training; the forward is also
+    timed on the same weights stored in bfloat16 (`bf16_params`), as a sampler holds them and as the
+    diffusers section runs. The training step is forward + backward (no optimizer) of the flow-matching
+    MSE mean((v(x_t, t) - (noise - x0))^2) with x_t = (1 - sigma) x0 + sigma noise.
     """
     from sana_jax.model import forward, init_params
 
@@ -319,19 +321,27 @@ def model(out: dict, run: Run) -> None:
             return jnp.mean(jnp.square(predicted - (x["noise"] - x["latents"])))
         return jax.value_and_grad(loss)(params)
 
-    def time_call(call, config, batch):
+    def time_call(call, params, config, batch):
         inputs = jax.tree.map(jnp.asarray, _model_inputs(config, batch, shapes))
         ms = run.timer(lambda: call(params, config, inputs), jax.block_until_ready)
         return {"ms": ms, "images_per_s": batch / ms * 1e3}
 
-    for impl in ("xla", "triton") if reason is None else ("xla",):
+    impls = ("xla", "triton") if reason is None else ("xla",)
+    for impl in impls:
         config = dataclasses.replace(base, attention_impl=impl)
         for batch in shapes.forward_batches:
             run.budget.require(60, f"the {impl} forward at batch {batch}")
-            guarded(out, f"{impl}/forward/b{batch}", lambda c=config, b=batch: time_call(velocity, c, b))
+            guarded(out, f"{impl}/forward/b{batch}",
+                    lambda c=config, b=batch: time_call(velocity, params, c, b))
         run.budget.require(90, f"the {impl} training step")
         guarded(out, f"{impl}/train_step/b{shapes.train_batch}",
-                lambda c=config: time_call(train_step, c, shapes.train_batch))
+                lambda c=config: time_call(train_step, params, c, shapes.train_batch))
+    config = dataclasses.replace(base, attention_impl=impls[-1], param_dtype="bfloat16")
+    bf16_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(params)
+    for batch in shapes.forward_batches:
+        run.budget.require(60, f"the bf16-parameter forward at batch {batch}")
+        guarded(out, f"{config.attention_impl}/forward/b{batch}/bf16_params",
+                lambda b=batch: time_call(velocity, bf16_params, config, b))
 
 
 def diffusers_model(out: dict, run: Run) -> None:
