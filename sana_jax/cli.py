@@ -99,6 +99,8 @@ def restart_with_allocator_settings() -> None:
 
 
 def _allocator_environment_here() -> dict[str, str] | None:
+    """`allocator_environment` of this process. The library search (it runs ldconfig) is skipped when the caller
+    sets LD_PRELOAD, which wins anyway."""
     tcmalloc = find_tcmalloc() if "LD_PRELOAD" not in os.environ else None
     return allocator_environment(os.environ, tcmalloc=tcmalloc)
 
