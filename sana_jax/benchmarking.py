@@ -1,7 +1,14 @@
-"""The wall-clock timers of the benchmarks in tools/bench/: one callable, or several in alternation."""
+"""The benchmarks' timers: one callable, several in alternation, and a compiled program's time per HLO op."""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -50,3 +57,89 @@ def interleaved_ms(fns: Mapping[str, tuple[Callable[[], Any], Callable[[Any], An
         for name, (fn, sync) in fns.items():
             samples[name].append(median_ms(fn, sync, warmup=0, repeats=repeats))
     return samples
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    """One HLO instruction's share of a compiled program's time (`op_profile`)."""
+
+    op: str  # the instruction's name in the compiled HLO, e.g. "loop_multiply_fusion.3"
+    kind: str  # `instruction_kinds`: "fusion kLoop", "fusion kCustom (dot)", "custom-call __cublas$gemm", ...
+    ms: float  # per call, summed over its events
+    events: float  # trace events per call: kernel launches on a GPU, thunk runs on a CPU
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$")
+_DETAIL = re.compile(r'(?:\bkind=(k\w+)|custom_call_target="([^"]+)")')
+_CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
+_HEAVY = ("dot", "convolution", "reduce")  # what a fusion's kind names when its computation holds one
+
+
+def instruction_kinds(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> what it is, in a compiled module's text: the opcode, with a fusion's kind and the
+    heaviest of dot / convolution / reduce its computation holds ("fusion kLoop (reduce)"), or a custom
+    call's target ("custom-call __cublas$gemm")."""
+    opcodes: dict[str, set[str]] = {}  # computation -> the opcodes in it
+    instructions = []  # (name, opcode, the rest of the line)
+    computation = None
+    for line in hlo_text.splitlines():
+        if (start := _COMPUTATION.match(line)) and not line.startswith(" "):
+            computation = start.group(1)
+            opcodes[computation] = set()
+        elif match := _INSTRUCTION.match(line):
+            instructions.append(match.groups())
+            if computation is not None:
+                opcodes[computation].add(match.group(2))
+    kinds = {}
+    for name, opcode, rest in instructions:
+        kind = opcode
+        if opcode in ("fusion", "custom-call") and (detail := _DETAIL.search(rest)):
+            kind = f"{opcode} {detail.group(1) or detail.group(2)}"
+        if opcode == "fusion" and (called := _CALLS.search(rest)):
+            heavy = [op for op in _HEAVY if op in opcodes.get(called.group(1), ())]
+            kind += f" ({heavy[0]})" if heavy else ""
+        kinds[name] = kind
+    return kinds
+
+
+def op_profile(compiled: jax.stages.Compiled, *args: Any, calls: int = 3) -> list[OpTime]:
+    """Where a compiled program's time goes, per HLO instruction, costliest first.
+
+    Traces `calls` calls with `jax.profiler` (Perfetto trace events) and sums each instruction's events: on a
+    GPU the kernels' time on the device, on a CPU the runtime's time per thunk (thunks on different threads
+    overlap, so the sum may exceed the wall time). Call the program once before, so that neither compilation
+    nor autotuning is traced.
+    """
+    if calls < 1:
+        raise ValueError(f"calls must be at least 1, got {calls}")
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(compiled(*args))
+        (path,) = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("ph") != "X" or (device_pids and event.get("pid") not in device_pids):
+            continue
+        op = event.get("args", {}).get("hlo_op") or (event["name"] if device_pids else None)
+        if op:
+            total = totals.setdefault(op, [0.0, 0])
+            total[0] += event.get("dur", 0.0)
+            total[1] += 1
+    kinds = instruction_kinds(compiled.as_text())
+    rows = [OpTime(op, kinds.get(op, ""), us / 1e3 / calls, count / calls) for op, (us, count) in totals.items()]
+    return sorted(rows, key=lambda row: -row.ms)
+
+
+def op_time_by_kind(ops: list[OpTime]) -> dict[str, float]:
+    """ms per call summed by `OpTime.kind` ("other" where the HLO does not name the op), largest first."""
+    totals: dict[str, float] = {}
+    for op in ops:
+        totals[op.kind or "other"] = totals.get(op.kind or "other", 0.0) + op.ms
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))

@@ -1,11 +1,13 @@
 """sana_jax.benchmarking: the benchmarks' timers."""
 
+import re
 import time
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from sana_jax.benchmarking import interleaved_ms, median_ms
+from sana_jax.benchmarking import OpTime, interleaved_ms, median_ms, op_profile, op_time_by_kind
 
 
 def test_median_ms_counts_calls_syncs_and_reports_milliseconds():
@@ -51,3 +53,29 @@ def test_interleaved_ms_alternates_the_calls_round_by_round():
 def test_interleaved_ms_rejects_no_rounds():
     with pytest.raises(ValueError, match="rounds"):
         interleaved_ms({"a": (lambda: None, lambda _: None)}, rounds=0)
+
+
+def test_op_profile_puts_the_matrix_product_first_and_names_every_op():
+    # A 768^3 product (0.9 GFLOP) next to an 8-element add: the product's instruction (a plain dot, or the
+    # fusion whose computation holds it) must lead, every row must be an instruction of the compiled HLO.
+    big, small = jnp.ones((768, 768)), jnp.ones((8,))
+    compiled = jax.jit(lambda a, b: (jnp.tanh(a @ a), b + 1)).lower(big, small).compile()
+    compiled(big, small)
+    rows = op_profile(compiled, big, small, calls=2)
+    hlo = compiled.as_text()
+    assert rows and all(f"{row.op} = " in hlo and row.ms > 0 and row.events > 0 for row in rows)
+    assert [row.ms for row in rows] == sorted((row.ms for row in rows), reverse=True)
+    top = rows[0]
+    if top.kind != "dot":
+        called = re.search(rf"{re.escape(top.op)} = .*calls=%?([\w.\-]+)", hlo).group(1)
+        body = hlo[hlo.index(f"{called} "):]
+        assert " dot(" in body[:body.index("\n}")], (top, body[:2000])
+    assert "dot" in top.kind and top.ms > 5 * rows[-1].ms
+    with pytest.raises(ValueError, match="calls"):
+        op_profile(compiled, big, small, calls=0)
+
+
+def test_op_time_by_kind_sums_each_kind_largest_first():
+    ops = [OpTime("a", "fusion kLoop", 1.0, 1), OpTime("b", "dot", 3.0, 2), OpTime("c", "fusion kLoop", 2.5, 1),
+           OpTime("d", "", 0.5, 1)]
+    assert list(op_time_by_kind(ops).items()) == [("fusion kLoop", 3.5), ("dot", 3.0), ("other", 0.5)]

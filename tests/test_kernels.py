@@ -256,11 +256,14 @@ def test_bench_gpu_dry_run_times_every_section(tmp_path):
             assert results["kernels"][f"{name}/{direction}/n37"]["us"] > 0
     for name in ("xla/forward/b2", "xla/train_step/b2", "xla/forward/b2/bf16_params"):
         assert results["model"][name]["ms"] > 0
+    profile = results["profile"]  # the training step's op time: the ops' rows add up to the kinds' total
+    assert profile["op_ms"] > 0 and profile["ops"][0]["ms"] >= profile["ops"][-1]["ms"]
+    assert sum(profile["by_kind"].values()) == pytest.approx(profile["op_ms"])
     for name in ("eager/forward/b2", "eager/train_step/b2"):
         assert results["diffusers"][name]["ms"] > 0
     assert "Triton unavailable" in results["sweep"]["stopped"]["skipped"]
     table = done.stdout.split("[bench_gpu] sweep")[1]
-    assert "check  2 cases" in table and "model  xla/train_step/b2" in table
+    assert "check  2 cases" in table and "model  xla/train_step/b2" in table and "ms of op time" in table
 
 
 # ----------------------------------------------------------------------------- interpreter, child process

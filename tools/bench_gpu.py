@@ -12,7 +12,9 @@ Sections, in their default order (`--sections` picks and orders them); every mea
                large bf16 copy timed in the same process and the card's nominal figure.
   model        sana1.5_1600m forward (batch 2 and 16; 32x32 latent, 300 text tokens, bf16 compute) and
                a training step (batch 8, forward + backward of the flow-matching MSE, no optimizer),
-               attention_impl "xla" vs "triton".
+               attention_impl "xla" vs "triton"; and the forward on the same weights stored in bf16.
+  profile      that training step's op time per HLO instruction on the device (a jax.profiler trace),
+               summed by kind (fusion kind, custom-call target), and its costliest instructions.
   diffusers    SanaTransformer2DModel (bf16, same random weights and inputs), eager and torch.compile.
   sweep        kernel launch configs around the autotune table's choice at the SANA shapes.
 
@@ -49,9 +51,9 @@ import numpy as np
 from absl import flags
 
 from sana_jax import cli
-from sana_jax.benchmarking import median_ms
+from sana_jax.benchmarking import median_ms, op_profile, op_time_by_kind
 
-SECTIONS = ("environment", "check", "kernels", "model", "diffusers", "sweep")
+SECTIONS = ("environment", "check", "kernels", "model", "profile", "diffusers", "sweep")
 PACKAGES = ("jax", "jaxlib", "jax-triton", "triton", "torch", "diffusers", "numpy")
 # Nominal HBM bandwidth by device-kind substring, bytes/s.
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
@@ -292,34 +294,41 @@ def _model_config(shapes: Shapes):
     return dataclasses.replace(preset(shapes.preset), sample_size=shapes.latent, compute_dtype="bfloat16")
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _velocity(params, config, x: dict):
+    from sana_jax.model import forward
+
+    return forward(params, config, x["latents"], x["timesteps"], x["text"], x["mask"])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _train_step(params, config, x: dict):
+    """Loss and gradients of the flow-matching MSE mean((v(x_t, t) - (noise - x0))^2),
+    x_t = (1 - sigma) x0 + sigma noise."""
+    from sana_jax.model import forward
+
+    def loss(params):
+        sigmas = x["sigmas"][:, None, None, None]
+        noisy = (1 - sigmas) * x["latents"] + sigmas * x["noise"]
+        predicted = forward(params, config, noisy, x["timesteps"], x["text"], x["mask"])
+        return jnp.mean(jnp.square(predicted - (x["noise"] - x["latents"])))
+    return jax.value_and_grad(loss)(params)
+
+
 def model(out: dict, run: Run) -> None:
     """sana_jax.model forward and training-step times, attention_impl "xla" vs "triton".
 
     Parameters are float32 and cast to bfloat16 at every call, as in training; the forward is also
     timed on the same weights stored in bfloat16 (`bf16_params`), as a sampler holds them and as the
-    diffusers section runs. The training step is forward + backward (no optimizer) of the flow-matching
-    MSE mean((v(x_t, t) - (noise - x0))^2) with x_t = (1 - sigma) x0 + sigma noise.
+    diffusers section runs. The training step is forward + backward (no optimizer, `_train_step`).
     """
-    from sana_jax.model import forward, init_params
+    from sana_jax.model import init_params
 
     shapes = run.shapes
     base = _model_config(shapes)
     out["config"] = dataclasses.asdict(base)
     out["triton_unavailable"] = reason = triton_unavailable()
     params = jax.jit(init_params, static_argnums=0)(base, jax.random.key(0))
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def velocity(params, config, x):
-        return forward(params, config, x["latents"], x["timesteps"], x["text"], x["mask"])
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def train_step(params, config, x):
-        def loss(params):
-            sigmas = x["sigmas"][:, None, None, None]
-            noisy = (1 - sigmas) * x["latents"] + sigmas * x["noise"]
-            predicted = forward(params, config, noisy, x["timesteps"], x["text"], x["mask"])
-            return jnp.mean(jnp.square(predicted - (x["noise"] - x["latents"])))
-        return jax.value_and_grad(loss)(params)
 
     def time_call(call, params, config, batch):
         inputs = jax.tree.map(jnp.asarray, _model_inputs(config, batch, shapes))
@@ -332,16 +341,34 @@ def model(out: dict, run: Run) -> None:
         for batch in shapes.forward_batches:
             run.budget.require(60, f"the {impl} forward at batch {batch}")
             guarded(out, f"{impl}/forward/b{batch}",
-                    lambda c=config, b=batch: time_call(velocity, params, c, b))
+                    lambda c=config, b=batch: time_call(_velocity, params, c, b))
         run.budget.require(90, f"the {impl} training step")
         guarded(out, f"{impl}/train_step/b{shapes.train_batch}",
-                lambda c=config: time_call(train_step, params, c, shapes.train_batch))
+                lambda c=config: time_call(_train_step, params, c, shapes.train_batch))
     config = dataclasses.replace(base, attention_impl=impls[-1], param_dtype="bfloat16")
     bf16_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(params)
     for batch in shapes.forward_batches:
         run.budget.require(60, f"the bf16-parameter forward at batch {batch}")
         guarded(out, f"{config.attention_impl}/forward/b{batch}/bf16_params",
-                lambda b=batch: time_call(velocity, bf16_params, config, b))
+                lambda b=batch: time_call(_velocity, bf16_params, config, b))
+
+
+def profile(out: dict, run: Run) -> None:
+    """Where the model section's training step spends its time: op time per HLO instruction on the device
+    (`sana_jax.benchmarking.op_profile`, 3 traced steps), summed by kind, and the costliest instructions."""
+    from sana_jax.model import init_params
+
+    shapes = run.shapes
+    impl = "triton" if triton_unavailable() is None else "xla"
+    config = dataclasses.replace(_model_config(shapes), attention_impl=impl)
+    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    inputs = jax.tree.map(jnp.asarray, _model_inputs(config, shapes.train_batch, shapes))
+    run.budget.require(90, "the training step's profile")
+    step = _train_step.lower(params, config, inputs).compile()
+    jax.block_until_ready(step(params, inputs))
+    ops = op_profile(step, params, inputs, calls=3)
+    out.update(attention_impl=impl, batch=shapes.train_batch, op_ms=sum(op.ms for op in ops),
+               by_kind=op_time_by_kind(ops), ops=[dataclasses.asdict(op) for op in ops[:40]])
 
 
 def diffusers_model(out: dict, run: Run) -> None:
@@ -407,7 +434,7 @@ def diffusers_model(out: dict, run: Run) -> None:
         for batch in shapes.forward_batches:
             run.budget.require(120 if name == "compile" else 20, f"{name} forward at batch {batch}")
             guarded(out, f"{name}/forward/b{batch}", lambda m=module, b=batch: time_forward(m, b))
-        run.budget.require(180 if name == "compile" else 30, f"{name} training step")
+        run.budget.require(150 if name == "compile" else 30, f"{name} training step")
         guarded(out, f"{name}/train_step/b{shapes.train_batch}", lambda m=module: time_train_step(m))
 
 
@@ -486,6 +513,15 @@ def table(results: dict) -> str:
                 rows.append((section, name, ", ".join(times) or "failed"))
             elif "error" in r or "skipped" in r:
                 rows.append((section, name, (r.get("error") or r["skipped"]).splitlines()[0][:120]))
+    ops = results.get("profile", {})
+    if "op_ms" in ops:
+        rows.append(("profile", f"train_step/b{ops['batch']} ({ops['attention_impl']} attention)",
+                     f"{ops['op_ms']:10.2f} ms of op time per step"))
+        for kind, ms in list(ops["by_kind"].items())[:8]:
+            rows.append(("profile", f"kind {kind}", f"{ms:10.2f} ms  {ms / ops['op_ms']:4.0%}"))
+        for op in ops["ops"][:12]:
+            rows.append(("profile", op["op"][:40], f"{op['ms']:10.2f} ms  {op['ms'] / ops['op_ms']:4.0%}  "
+                         f"x{op['events']:g}  {op['kind']}"))
     for section in SECTIONS:
         stopped = results.get(section, {}).get("stopped")
         if stopped:
@@ -496,7 +532,7 @@ def table(results: dict) -> str:
 
 
 SECTION_FUNCTIONS = {"environment": environment, "check": check, "kernels": attention, "model": model,
-                     "diffusers": diffusers_model, "sweep": sweep}
+                     "profile": profile, "diffusers": diffusers_model, "sweep": sweep}
 
 
 def flag_values() -> flags.FlagValues:

@@ -5,9 +5,12 @@ memory XLA allocates per call (on CPU with glibc's malloc, mapped and zeroed afr
 docs/performance.md), and the malloc in use, for a preset and batch; with --diffusers, also times diffusers'
 `SanaTransformer2DModel` (eager, and torch.compile with --torch_compile) on the same configuration in the same
 run, the calls alternating round by round, and sana-jax's speed relative to each diffusers variant per round.
+With --profile=N, also where each sana-jax program's time goes: op time summed by kind of HLO instruction, and
+its N costliest instructions (`sana_jax.benchmarking.op_profile`).
 
   python tools/bench/bench_model.py --preset=small --batch=8 --latent=16 --text_len=32 --diffusers
   python tools/bench/bench_model.py --config=configs/pretrain.py --diffusers      # the main job's model and batch
+  python tools/bench/bench_model.py --preset=small --profile=20
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sana_jax import cli
-from sana_jax.benchmarking import interleaved_ms
+from sana_jax.benchmarking import OpTime, interleaved_ms, op_profile, op_time_by_kind
 from sana_jax.data.pipeline import DataConfig, element_shapes
 from sana_jax.model import forward, init_params, preset
 from sana_jax.model.config import COMPUTE_DTYPES, REMAT_POLICIES
@@ -125,6 +128,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "rounds; each times every call in tu
 _DIFFUSERS = flags.DEFINE_bool("diffusers", False, "also time diffusers on the same config")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "with --diffusers, add torch.compile")
 _JSON = flags.DEFINE_string("json", None, "write the results here")
+_PROFILE = flags.DEFINE_integer("profile", 0, "print this many of each sana-jax program's costliest HLO "
+                                "instructions (a jax.profiler trace of 3 calls), with op time by kind", lower_bound=0)
 
 
 def benchmark_setup() -> tuple:
@@ -143,6 +148,18 @@ def benchmark_setup() -> tuple:
     if _BATCH_SPLITS.value is not None:
         model = dataclasses.replace(model, batch_splits=_BATCH_SPLITS.value)
     return (model, *setup[1:])
+
+
+def print_op_profile(name: str, ops: list[OpTime], top: int) -> None:
+    """Op time by kind of instruction, then the `top` costliest instructions, of one profiled program."""
+    total = sum(op.ms for op in ops)
+    print(f"\n{name}: {total:.1f} ms of op time per call (traced; on a CPU, threads overlap)")
+    for kind, ms in op_time_by_kind(ops).items():
+        if ms >= 0.005 * total:
+            print(f"  {ms:9.2f} ms {ms / total:5.1%}  {kind}")
+    print(f"  {'ms':>9}    share  events  instruction (kind)")
+    for op in ops[:top]:
+        print(f"  {op.ms:9.2f} ms {op.ms / total:5.1%}  {op.events:6g}  {op.op} ({op.kind})")
 
 
 def main(argv: list[str]) -> None:
@@ -175,6 +192,10 @@ def main(argv: list[str]) -> None:
             ratios = np.asarray(samples[name]) / ours
             print(f"speed of sana-jax / {name}: median {np.median(ratios):.2f}x "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+    if _PROFILE.value:
+        for name, (call, *_) in calls.items():
+            if "(sana-jax)" in name:
+                print_op_profile(name, op_profile(call.func, *call.args), _PROFILE.value)
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump({"model": dataclasses.asdict(config), "batch": batch, "latent": latent,
