@@ -261,6 +261,8 @@ def test_bench_gpu_dry_run_times_every_section(tmp_path):
     assert sum(profile["by_kind"].values()) == pytest.approx(profile["op_ms"])
     for name in ("eager/forward/b2", "eager/train_step/b2"):
         assert results["diffusers"][name]["ms"] > 0
+    torch_ops = results["diffusers"]["eager/train_step/b2/ops"]  # torch.profiler: the products are there
+    assert torch_ops["op_ms"] > 0 and any(op["op"] in ("aten::mm", "aten::addmm") for op in torch_ops["ops"])
     assert "Triton unavailable" in results["sweep"]["stopped"]["skipped"]
     table = done.stdout.split("[bench_gpu] sweep")[1]
     assert "check  2 cases" in table and "model  xla/train_step/b2" in table and "ms of op time" in table

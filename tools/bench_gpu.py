@@ -15,7 +15,8 @@ Sections, in their default order (`--sections` picks and orders them); every mea
                attention_impl "xla" vs "triton"; and the forward on the same weights stored in bf16.
   profile      that training step's op time per HLO instruction on the device (a jax.profiler trace),
                summed by kind (fusion kind, custom-call target), and its costliest instructions.
-  diffusers    SanaTransformer2DModel (bf16, same random weights and inputs), eager and torch.compile.
+  diffusers    SanaTransformer2DModel (bf16, same random weights and inputs), eager and torch.compile,
+               with the training step's self time per kernel (torch.profiler) beside the profile section's.
   sweep        kernel launch configs around the autotune table's choice at the SANA shapes.
 
 Each section runs in its own process (this script, with $BENCH_GPU_SECTION naming the section), so a
@@ -413,7 +414,9 @@ def diffusers_model(out: dict, run: Run) -> None:
         ms = run.timer(call, sync)
         return {"ms": ms, "images_per_s": batch / ms * 1e3}
 
-    def time_train_step(module):
+    timed_steps = {}  # variant -> its timed training step, for op_profile_torch
+
+    def time_train_step(name, module):
         x = inputs(shapes.train_batch)
         sigmas = x["sigmas"].view(-1, 1, 1, 1)
 
@@ -427,7 +430,25 @@ def diffusers_model(out: dict, run: Run) -> None:
 
         ms = run.timer(call, sync)
         net.zero_grad(set_to_none=True)
+        timed_steps[name] = call
         return {"ms": ms, "images_per_s": shapes.train_batch / ms * 1e3}
+
+    def op_profile_torch(call, calls=3):
+        """The profile section's view of a torch call: self time per kernel (device) or op (CPU)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as trace:
+            for _ in range(calls):
+                call()
+            sync(None)
+        net.zero_grad(set_to_none=True)
+        ops = []
+        for event in trace.key_averages():
+            us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+            if us > 0:
+                ops.append({"op": event.key, "ms": us / 1e3 / calls, "events": event.count / calls})
+        ops.sort(key=lambda op: -op["ms"])
+        return {"op_ms": sum(op["ms"] for op in ops), "ops": ops[:40]}
 
     variants = {"eager": net, "compile": torch.compile(net)} if run.torch_compile else {"eager": net}
     for name, module in variants.items():
@@ -435,7 +456,10 @@ def diffusers_model(out: dict, run: Run) -> None:
             run.budget.require(120 if name == "compile" else 20, f"{name} forward at batch {batch}")
             guarded(out, f"{name}/forward/b{batch}", lambda m=module, b=batch: time_forward(m, b))
         run.budget.require(150 if name == "compile" else 30, f"{name} training step")
-        guarded(out, f"{name}/train_step/b{shapes.train_batch}", lambda m=module: time_train_step(m))
+        key = f"{name}/train_step/b{shapes.train_batch}"
+        guarded(out, key, lambda n=name, m=module: time_train_step(n, m))
+        if name in timed_steps:  # where its time goes, as the profile section shows sana-jax's
+            guarded(out, f"{key}/ops", lambda n=name: op_profile_torch(timed_steps[n]))
 
 
 def sweep(out: dict, run: Run) -> None:
@@ -513,15 +537,19 @@ def table(results: dict) -> str:
                 rows.append((section, name, ", ".join(times) or "failed"))
             elif "error" in r or "skipped" in r:
                 rows.append((section, name, (r.get("error") or r["skipped"]).splitlines()[0][:120]))
-    ops = results.get("profile", {})
-    if "op_ms" in ops:
-        rows.append(("profile", f"train_step/b{ops['batch']} ({ops['attention_impl']} attention)",
-                     f"{ops['op_ms']:10.2f} ms of op time per step"))
-        for kind, ms in list(ops["by_kind"].items())[:8]:
-            rows.append(("profile", f"kind {kind}", f"{ms:10.2f} ms  {ms / ops['op_ms']:4.0%}"))
+    profiles = [("profile", results.get("profile", {}))]
+    profiles += [("diffusers", r) for n, r in results.get("diffusers", {}).items() if n.endswith("/ops")]
+    for section, ops in profiles:
+        if not ops.get("op_ms"):
+            continue
+        what = (f"train_step/b{ops['batch']} ({ops['attention_impl']} attention)" if section == "profile"
+                else next(n for n, r in results["diffusers"].items() if r is ops))
+        rows.append((section, what, f"{ops['op_ms']:10.2f} ms of op time per step"))
+        for kind, ms in list(ops.get("by_kind", {}).items())[:8]:
+            rows.append((section, f"kind {kind}", f"{ms:10.2f} ms  {ms / ops['op_ms']:4.0%}"))
         for op in ops["ops"][:12]:
-            rows.append(("profile", op["op"][:40], f"{op['ms']:10.2f} ms  {op['ms'] / ops['op_ms']:4.0%}  "
-                         f"x{op['events']:g}  {op['kind']}"))
+            rows.append((section, op["op"][:40], f"{op['ms']:10.2f} ms  {op['ms'] / ops['op_ms']:4.0%}  "
+                         f"x{op['events']:g}  {op.get('kind', '')}"))
     for section in SECTIONS:
         stopped = results.get(section, {}).get("stopped")
         if stopped:
