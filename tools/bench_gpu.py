@@ -340,16 +340,16 @@ def model(out: dict, run: Run) -> None:
     for impl in impls:
         config = dataclasses.replace(base, attention_impl=impl)
         for batch in shapes.forward_batches:
-            run.budget.require(60, f"the {impl} forward at batch {batch}")
+            run.budget.require(30, f"the {impl} forward at batch {batch}")
             guarded(out, f"{impl}/forward/b{batch}",
                     lambda c=config, b=batch: time_call(_velocity, params, c, b))
-        run.budget.require(90, f"the {impl} training step")
+        run.budget.require(60, f"the {impl} training step")
         guarded(out, f"{impl}/train_step/b{shapes.train_batch}",
                 lambda c=config: time_call(_train_step, params, c, shapes.train_batch))
     config = dataclasses.replace(base, attention_impl=impls[-1], param_dtype="bfloat16")
     bf16_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))(params)
     for batch in shapes.forward_batches:
-        run.budget.require(60, f"the bf16-parameter forward at batch {batch}")
+        run.budget.require(30, f"the bf16-parameter forward at batch {batch}")
         guarded(out, f"{config.attention_impl}/forward/b{batch}/bf16_params",
                 lambda b=batch: time_call(_velocity, bf16_params, config, b))
 
@@ -364,7 +364,7 @@ def profile(out: dict, run: Run) -> None:
     config = dataclasses.replace(_model_config(shapes), attention_impl=impl)
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     inputs = jax.tree.map(jnp.asarray, _model_inputs(config, shapes.train_batch, shapes))
-    run.budget.require(90, "the training step's profile")
+    run.budget.require(60, "the training step's profile")
     step = _train_step.lower(params, config, inputs).compile()
     jax.block_until_ready(step(params, inputs))
     ops = op_profile(step, params, inputs, calls=3)
