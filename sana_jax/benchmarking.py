@@ -84,7 +84,7 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
     instructions = []  # (name, opcode, the rest of the line)
     computation = None
     for line in hlo_text.splitlines():
-        if (start := _COMPUTATION.match(line)) and not line.startswith(" "):
+        if start := _COMPUTATION.match(line):  # computations start at column 0, instructions are indented
             computation = start.group(1)
             opcodes[computation] = set()
         elif match := _INSTRUCTION.match(line):
@@ -141,5 +141,6 @@ def op_time_by_kind(ops: list[OpTime]) -> dict[str, float]:
     """ms per call summed by `OpTime.kind` ("other" where the HLO does not name the op), largest first."""
     totals: dict[str, float] = {}
     for op in ops:
-        totals[op.kind or "other"] = totals.get(op.kind or "other", 0.0) + op.ms
+        kind = op.kind or "other"
+        totals[kind] = totals.get(kind, 0.0) + op.ms
     return dict(sorted(totals.items(), key=lambda item: -item[1]))

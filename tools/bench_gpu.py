@@ -537,13 +537,12 @@ def table(results: dict) -> str:
                 rows.append((section, name, ", ".join(times) or "failed"))
             elif "error" in r or "skipped" in r:
                 rows.append((section, name, (r.get("error") or r["skipped"]).splitlines()[0][:120]))
-    profiles = [("profile", results.get("profile", {}))]
-    profiles += [("diffusers", r) for n, r in results.get("diffusers", {}).items() if n.endswith("/ops")]
-    for section, ops in profiles:
+    ours = results.get("profile", {})
+    profiles = [("profile", f"train_step/b{ours.get('batch')} ({ours.get('attention_impl')} attention)", ours)]
+    profiles += [("diffusers", n, r) for n, r in results.get("diffusers", {}).items() if n.endswith("/ops")]
+    for section, what, ops in profiles:
         if not ops.get("op_ms"):
             continue
-        what = (f"train_step/b{ops['batch']} ({ops['attention_impl']} attention)" if section == "profile"
-                else next(n for n, r in results["diffusers"].items() if r is ops))
         rows.append((section, what, f"{ops['op_ms']:10.2f} ms of op time per step"))
         for kind, ms in list(ops.get("by_kind", {}).items())[:8]:
             rows.append((section, f"kind {kind}", f"{ms:10.2f} ms  {ms / ops['op_ms']:4.0%}"))
