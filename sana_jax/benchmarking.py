@@ -1,20 +1,25 @@
-"""The benchmarks' timers: one callable, several in alternation, and a compiled program's time per HLO op."""
+"""The benchmarks' timers: one callable, several in alternation, a compiled program's time per HLO op, and the
+matrix products of a traced function as a program of their own."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 
 
 def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any] = jax.block_until_ready, *, warmup: int = 2,
@@ -144,3 +149,72 @@ def op_time_by_kind(ops: list[OpTime]) -> dict[str, float]:
         kind = op.kind or "other"
         totals[kind] = totals.get(kind, 0.0) + op.ms
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixProduct:
+    """One `jax.lax.dot_general` of a traced function: its operands' shapes and dtypes and its parameters."""
+
+    lhs: jax.ShapeDtypeStruct
+    rhs: jax.ShapeDtypeStruct
+    dimension_numbers: tuple  # ((lhs contracting, rhs contracting), (lhs batch, rhs batch))
+    precision: Any
+    preferred_element_type: Any
+
+    @property
+    def flops(self) -> int:
+        """2 x batch x rows x columns x contracted length."""
+        (lhs_contracting, _), (lhs_batch, _) = self.dimension_numbers
+        shared = math.prod(self.lhs.shape[i] for i in (*lhs_contracting, *lhs_batch))
+        return 2 * math.prod(self.lhs.shape) * math.prod(self.rhs.shape) // shared
+
+
+def matrix_products(fn: Callable[..., Any], *args: Any) -> list[MatrixProduct]:
+    """Every matrix product `fn(*args)` computes, in program order; a scan's once per iteration.
+
+    Raises ValueError where a product sits in a `while` loop or a `cond` branch, whose count is only known
+    when the program runs.
+    """
+    return _products_in(jax.make_jaxpr(fn)(*args).jaxpr, times=1)
+
+
+def _products_in(jaxpr: jax_core.Jaxpr, times: int) -> list[MatrixProduct]:
+    found = []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+            found += [MatrixProduct(lhs, rhs, eqn.params["dimension_numbers"], eqn.params["precision"],
+                                    eqn.params["preferred_element_type"])] * times
+            continue
+        repeat = eqn.params["length"] if name == "scan" else 1
+        inner = []
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = sub.jaxpr if isinstance(sub, jax_core.ClosedJaxpr) else sub
+                if isinstance(sub, jax_core.Jaxpr):
+                    inner += _products_in(sub, times * repeat)
+        if inner and name in ("while", "cond"):
+            raise ValueError(f"{len(inner)} matrix product(s) inside a `{name}`: their count is only known "
+                             "when the program runs")
+        found += inner
+    return found
+
+
+def products_program(products: Sequence[MatrixProduct], seed: int = 0) -> Callable[[], list[jax.Array]]:
+    """The `products` alone, compiled as one program on random normal operands (made once, one pair per
+    product so that none is computed twice): a call without arguments.
+
+    Timing it gives a floor under any program that computes these products: no other work, and nothing
+    orders the products, so the runtime may overlap them.
+    """
+    rng = np.random.default_rng(seed)
+    operands = [tuple(jnp.asarray(rng.standard_normal(side.shape), side.dtype) for side in (p.lhs, p.rhs))
+                for p in products]
+
+    def run(operands):
+        return [jax.lax.dot_general(lhs, rhs, p.dimension_numbers, p.precision,
+                                    preferred_element_type=p.preferred_element_type)
+                for p, (lhs, rhs) in zip(products, operands, strict=True)]
+
+    return functools.partial(jax.jit(run).lower(operands).compile(), operands)

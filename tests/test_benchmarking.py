@@ -5,9 +5,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from sana_jax.benchmarking import OpTime, interleaved_ms, median_ms, op_profile, op_time_by_kind
+from sana_jax.benchmarking import (
+    OpTime,
+    interleaved_ms,
+    matrix_products,
+    median_ms,
+    op_profile,
+    op_time_by_kind,
+    products_program,
+)
 
 
 def test_median_ms_counts_calls_syncs_and_reports_milliseconds():
@@ -79,3 +88,43 @@ def test_op_time_by_kind_sums_each_kind_largest_first():
     ops = [OpTime("a", "fusion kLoop", 1.0, 1), OpTime("b", "dot", 3.0, 2), OpTime("c", "fusion kLoop", 2.5, 1),
            OpTime("d", "", 0.5, 1)]
     assert list(op_time_by_kind(ops).items()) == [("fusion kLoop", 3.5), ("dot", 3.0), ("other", 0.5)]
+
+
+def _scanned_and_batched(a, ws, b):
+    # a (4, 8) through 7 scanned (8, 8) products, then one batched (3, 5, 6) x (3, 6, 2) product.
+    def step(carry, w):
+        return jnp.tanh(carry @ w), None
+
+    carry, _ = jax.lax.scan(step, a, ws)
+    return carry.sum() + jnp.einsum("bij,bjk->bik", b[0], b[1]).sum()
+
+
+def test_matrix_products_lists_every_product_with_its_flops():
+    a, ws, b = jnp.ones((4, 8)), jnp.ones((7, 8, 8)), (jnp.ones((3, 5, 6)), jnp.ones((3, 6, 2)))
+    products = matrix_products(_scanned_and_batched, a, ws, b)
+    assert [(p.lhs.shape, p.rhs.shape) for p in products] == [((4, 8), (8, 8))] * 7 + [((3, 5, 6), (3, 6, 2))]
+    assert [p.flops for p in products] == [2 * 4 * 8 * 8] * 7 + [2 * 3 * 5 * 6 * 2]
+    # Differentiated with respect to a and ws: per step, the forward product, a carry gradient and a weight
+    # gradient (7 x 3), and the batched product, whose result the gradient does not need, once.
+    grads = matrix_products(jax.grad(_scanned_and_batched, argnums=(0, 1)), a, ws, b)
+    assert len(grads) == 7 * 3 + 1 and sum(p.flops for p in grads) == 7 * 3 * 2 * 4 * 8 * 8 + 2 * 3 * 5 * 6 * 2
+
+
+def test_matrix_products_rejects_products_in_loops_of_unknown_length():
+    def loop(a, n):
+        return jax.lax.fori_loop(0, n, lambda _, c: c @ c, a)
+
+    with pytest.raises(ValueError, match="1 matrix product.*`while`"):
+        matrix_products(loop, jnp.ones((4, 4)), 3)
+
+
+def test_products_program_computes_each_product_on_its_own_operands():
+    products = matrix_products(_scanned_and_batched, jnp.ones((4, 8)), jnp.ones((2, 8, 8)),
+                               (jnp.ones((3, 5, 6)), jnp.ones((3, 6, 2))))
+    run = products_program(products, seed=1)
+    outputs, (operands,) = run(), run.args
+    assert len(outputs) == len(operands) == 3
+    assert not np.array_equal(operands[0][0], operands[1][0])  # distinct operands: no product computed twice
+    for out, (lhs, rhs) in zip(outputs, operands, strict=True):
+        np.testing.assert_allclose(out, np.matmul(np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)),
+                                   rtol=1e-5, atol=1e-5)

@@ -6,11 +6,15 @@ docs/performance.md), and the malloc in use, for a preset and batch; with --diff
 `SanaTransformer2DModel` (eager, and torch.compile with --torch_compile) on the same configuration in the same
 run, the calls alternating round by round, and sana-jax's speed relative to each diffusers variant per round.
 With --profile=N, also where each sana-jax program's time goes: op time summed by kind of HLO instruction, and
-its N costliest instructions (`sana_jax.benchmarking.op_profile`).
+its N costliest instructions (`sana_jax.benchmarking.op_profile`). With --products, also each program's matrix
+products alone (`sana_jax.benchmarking.products_program`; with --diffusers, the same products with torch.bmm):
+the time no implementation of the model can go below at this machine's matrix-product speed, and so the most
+sana-jax could gain on diffusers if everything else took no time.
 
   python tools/bench/bench_model.py --preset=small --batch=8 --latent=16 --text_len=32 --diffusers
   python tools/bench/bench_model.py --config=configs/pretrain.py --diffusers      # the main job's model and batch
   python tools/bench/bench_model.py --preset=small --profile=20
+  python tools/bench/bench_model.py --preset=small --diffusers --products
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sana_jax import cli
-from sana_jax.benchmarking import OpTime, interleaved_ms, op_profile, op_time_by_kind
+from sana_jax.benchmarking import (
+    MatrixProduct,
+    OpTime,
+    interleaved_ms,
+    matrix_products,
+    op_profile,
+    op_time_by_kind,
+    products_program,
+)
 from sana_jax.data.pipeline import DataConfig, element_shapes
 from sana_jax.model import forward, init_params, preset
 from sana_jax.model.config import COMPUTE_DTYPES, REMAT_POLICIES
@@ -43,9 +55,9 @@ def compiled_costs(compiled: jax.stages.Compiled) -> tuple[float | None, int | N
             memory.temp_size_in_bytes if memory is not None else None)
 
 
-def jax_calls(config, batch: int, latent: int, text_len: int) -> dict[str, tuple]:
+def jax_calls(config, batch: int, latent: int, text_len: int) -> tuple[dict[str, tuple], dict[str, list]]:
     """name -> (call, sync, XLA's FLOP count, scratch bytes) of sana-jax's forward and forward+backward, each
-    compiled once."""
+    compiled once; and "forward" / "forward+backward" -> the `MatrixProduct`s each computes."""
     key = jax.random.key(0)
     params = init_params(config, key)
     rng = np.random.default_rng(0)
@@ -61,12 +73,53 @@ def jax_calls(config, batch: int, latent: int, text_len: int) -> dict[str, tuple
     def loss(p, x, t, y, m):
         return jnp.mean(jnp.square(fwd(p, x, t, y, m) - x))
 
-    calls = {}
+    calls, products = {}, {}
     for name, fn in (("forward", fwd), ("forward+backward", jax.value_and_grad(loss))):
         compiled = jax.jit(fn).lower(*args).compile()
         calls[f"{name} (sana-jax)"] = (functools.partial(compiled, *args), jax.block_until_ready,
                                        *compiled_costs(compiled))
+        products[name] = matrix_products(fn, *args)
+    return calls, products
+
+
+def products_calls(products: dict[str, list[MatrixProduct]], torch_too: bool) -> dict[str, tuple]:
+    """name -> (call, sync, FLOPs, None) of each program's matrix products alone: XLA's, and torch.bmm's on
+    operands laid out for it beforehand (batch, rows, depth) x (batch, depth, columns)."""
+    calls = {}
+    for name, found in products.items():
+        flops = sum(p.flops for p in found)
+        calls[f"{name}: products alone (sana-jax)"] = (products_program(found), jax.block_until_ready, flops, None)
+        if torch_too:
+            calls[f"{name}: products alone (torch)"] = (torch_products(found), lambda _: None, flops, None)
     return calls
+
+
+def torch_products(products: list[MatrixProduct]):
+    """A call computing `products` with torch.bmm, on the device diffusers runs on."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pairs = []
+    for p in products:
+        (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = p.dimension_numbers
+        batch = int(np.prod([p.lhs.shape[i] for i in lhs_batch]))
+        depth = int(np.prod([p.lhs.shape[i] for i in lhs_contracting]))
+        lhs_free = [i for i in range(len(p.lhs.shape)) if i not in (*lhs_contracting, *lhs_batch)]
+        rhs_free = [i for i in range(len(p.rhs.shape)) if i not in (*rhs_contracting, *rhs_batch)]
+        dtype = getattr(torch, np.dtype(p.lhs.dtype).name)
+        lhs = torch.randn(p.lhs.shape, dtype=dtype).permute(*lhs_batch, *lhs_free, *lhs_contracting)
+        rhs = torch.randn(p.rhs.shape, dtype=dtype).permute(*rhs_batch, *rhs_contracting, *rhs_free)
+        pairs.append((lhs.reshape(batch, -1, depth).contiguous().to(device),
+                      rhs.reshape(batch, depth, -1).contiguous().to(device)))
+
+    def run():
+        with torch.no_grad():
+            out = [torch.bmm(lhs, rhs) for lhs, rhs in pairs]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def diffusers_calls(config, batch: int, latent: int, text_len: int, compile_: bool) -> dict[str, tuple]:
@@ -128,6 +181,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "rounds; each times every call in tu
 _DIFFUSERS = flags.DEFINE_bool("diffusers", False, "also time diffusers on the same config")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "with --diffusers, add torch.compile")
 _JSON = flags.DEFINE_string("json", None, "write the results here")
+_PRODUCTS = flags.DEFINE_bool("products", False, "also time each program's matrix products alone, and print the "
+                               "most sana-jax could gain on diffusers if everything else took no time")
 _PROFILE = flags.DEFINE_integer("profile", 0, "print this many of each sana-jax program's costliest HLO "
                                 "instructions (a jax.profiler trace of 3 calls), with op time by kind", lower_bound=0)
 
@@ -165,9 +220,11 @@ def print_op_profile(name: str, ops: list[OpTime], top: int) -> None:
 def main(argv: list[str]) -> None:
     del argv
     config, batch, latent, text_len = benchmark_setup()
-    calls = jax_calls(config, batch, latent, text_len)
+    calls, products = jax_calls(config, batch, latent, text_len)
     if _DIFFUSERS.value:
         calls.update(diffusers_calls(config, batch, latent, text_len, _TORCH_COMPILE.value))
+    if _PRODUCTS.value:
+        calls.update(products_calls(products, torch_too=_DIFFUSERS.value))
     samples = interleaved_ms({name: (fn, sync) for name, (fn, sync, _, _) in calls.items()},
                              rounds=_ROUNDS.value, repeats=_REPEATS.value)
     rows = {}
@@ -192,6 +249,11 @@ def main(argv: list[str]) -> None:
             ratios = np.asarray(samples[name]) / ours
             print(f"speed of sana-jax / {name}: median {np.median(ratios):.2f}x "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+            floor = name.split(" (")[0] + ": products alone (sana-jax)"
+            if floor in samples:
+                ceilings = np.asarray(samples[name]) / np.asarray(samples[floor])
+                print(f"  at most, with everything but the matrix products free: median {np.median(ceilings):.2f}x "
+                      f"(rounds: {', '.join(f'{r:.2f}' for r in ceilings)})")
     if _PROFILE.value:
         for name, (call, *_) in calls.items():
             if "(sana-jax)" in name:
