@@ -55,9 +55,8 @@ def compiled_costs(compiled: jax.stages.Compiled) -> tuple[float | None, int | N
             memory.temp_size_in_bytes if memory is not None else None)
 
 
-def jax_calls(config, batch: int, latent: int, text_len: int) -> tuple[dict[str, tuple], dict[str, list]]:
-    """name -> (call, sync, XLA's FLOP count, scratch bytes) of sana-jax's forward and forward+backward, each
-    compiled once; and "forward" / "forward+backward" -> the `MatrixProduct`s each computes."""
+def jax_programs(config, batch: int, latent: int, text_len: int) -> dict[str, tuple]:
+    """"forward" / "forward+backward" -> (function, arguments) of sana-jax's two programs on random inputs."""
     key = jax.random.key(0)
     params = init_params(config, key)
     rng = np.random.default_rng(0)
@@ -73,20 +72,25 @@ def jax_calls(config, batch: int, latent: int, text_len: int) -> tuple[dict[str,
     def loss(p, x, t, y, m):
         return jnp.mean(jnp.square(fwd(p, x, t, y, m) - x))
 
-    calls, products = {}, {}
-    for name, fn in (("forward", fwd), ("forward+backward", jax.value_and_grad(loss))):
+    return {"forward": (fwd, args), "forward+backward": (jax.value_and_grad(loss), args)}
+
+
+def jax_calls(programs: dict[str, tuple]) -> dict[str, tuple]:
+    """name -> (call, sync, XLA's FLOP count, scratch bytes) of each program, compiled once."""
+    calls = {}
+    for name, (fn, args) in programs.items():
         compiled = jax.jit(fn).lower(*args).compile()
         calls[f"{name} (sana-jax)"] = (functools.partial(compiled, *args), jax.block_until_ready,
                                        *compiled_costs(compiled))
-        products[name] = matrix_products(fn, *args)
-    return calls, products
+    return calls
 
 
-def products_calls(products: dict[str, list[MatrixProduct]], torch_too: bool) -> dict[str, tuple]:
+def products_calls(programs: dict[str, tuple], torch_too: bool) -> dict[str, tuple]:
     """name -> (call, sync, FLOPs, None) of each program's matrix products alone: XLA's, and torch.bmm's on
     operands laid out for it beforehand (batch, rows, depth) x (batch, depth, columns)."""
     calls = {}
-    for name, found in products.items():
+    for name, (fn, args) in programs.items():
+        found = matrix_products(fn, *args)
         flops = sum(p.flops for p in found)
         calls[f"{name}: products alone (sana-jax)"] = (products_program(found), jax.block_until_ready, flops, None)
         if torch_too:
@@ -220,11 +224,12 @@ def print_op_profile(name: str, ops: list[OpTime], top: int) -> None:
 def main(argv: list[str]) -> None:
     del argv
     config, batch, latent, text_len = benchmark_setup()
-    calls, products = jax_calls(config, batch, latent, text_len)
+    programs = jax_programs(config, batch, latent, text_len)
+    calls = jax_calls(programs)
     if _DIFFUSERS.value:
         calls.update(diffusers_calls(config, batch, latent, text_len, _TORCH_COMPILE.value))
     if _PRODUCTS.value:
-        calls.update(products_calls(products, torch_too=_DIFFUSERS.value))
+        calls.update(products_calls(programs, torch_too=_DIFFUSERS.value))
     samples = interleaved_ms({name: (fn, sync) for name, (fn, sync, _, _) in calls.items()},
                              rounds=_ROUNDS.value, repeats=_REPEATS.value)
     rows = {}
