@@ -260,9 +260,10 @@ def main(argv: list[str]) -> None:
                 print(f"  at most, with everything but the matrix products free: median {np.median(ceilings):.2f}x "
                       f"(rounds: {', '.join(f'{r:.2f}' for r in ceilings)})")
     if _PROFILE.value:
-        for name, (call, *_) in calls.items():
-            if "(sana-jax)" in name:
-                print_op_profile(name, op_profile(call.func, *call.args), _PROFILE.value)
+        for program in programs:
+            name = f"{program} (sana-jax)"
+            call = calls[name][0]
+            print_op_profile(name, op_profile(call.func, *call.args), _PROFILE.value)
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump({"model": dataclasses.asdict(config), "batch": batch, "latent": latent,
