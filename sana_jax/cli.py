@@ -127,8 +127,13 @@ def compilation_cache_dir(environ: Mapping[str, str]) -> str | None:
     value turns the cache off)."""
     if "JAX_COMPILATION_CACHE_DIR" in environ:
         return None
+    return os.path.join(cache_dir(environ), "xla")
+
+
+def cache_dir(environ: Mapping[str, str]) -> str:
+    """sana-jax's folder of build and compilation caches: $XDG_CACHE_HOME/sana_jax (~/.cache when unset)."""
     root = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "sana_jax", "xla")
+    return os.path.join(root, "sana_jax")
 
 
 def use_compilation_cache() -> None:

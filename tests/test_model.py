@@ -18,7 +18,6 @@ from sana_jax.model import SanaConfig, forward, forward_with_hidden, init_params
 from sana_jax.model.transformer import (
     SanaTransformer,
     _dummy_inputs,
-    depthwise_conv3x3,
     layer_norm,
     timestep_embedding,
 )
@@ -47,23 +46,6 @@ def test_timestep_embedding_matches_float64_sinusoid():
     angles = (t[:, None] * freqs[None]).astype(np.float64)  # the float32 angle, then an exact cos/sin
     expected = np.concatenate([np.cos(angles), np.sin(angles)], axis=-1)
     np.testing.assert_allclose(np.asarray(jax.jit(timestep_embedding)(t)), expected, atol=1e-6)
-
-
-def test_depthwise_conv_and_its_gradient_match_grouped_convolution():
-    rng = np.random.default_rng(1)
-    x, kernel, bias = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 7, 6), (3, 3, 6), (6,)))
-
-    def grouped(x, kernel, bias):
-        return jax.lax.conv_general_dilated(x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=6, precision="highest") + bias
-
-    np.testing.assert_allclose(depthwise_conv3x3(x, kernel, bias), grouped(x, kernel, bias), atol=1e-5)
-    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
-    ours = jax.grad(loss(depthwise_conv3x3), argnums=(0, 1, 2))(x, kernel, bias)
-    reference = jax.grad(loss(grouped), argnums=(0, 1, 2))(x, kernel, bias)
-    for a, b in zip(ours, reference, strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_layer_norm_matches_numpy():
