@@ -57,69 +57,76 @@ void ForEachItem(ffi::ThreadPool& pool, int64_t count, Item item) {
   progress->finished.wait(lock, [&] { return progress->done.load() == count; });
 }
 
-// out[c] (+)= sum over the in-bounds taps of source[i + di, j + dj, c] * kernel[tap, c], channels [c0, c1).
-// sign = +1 for the forward (di = ky - 1), -1 for the input gradient (di = 1 - ky).
-void Stencil(const float* __restrict source, const float* __restrict kernel, float* __restrict out, Geometry g,
-             int64_t i, int64_t j, int sign, int64_t c0, int64_t c1) {
+// The nine taps' rows of `source` around pixel (i, j): source[i + sign (ky - 1), j + sign (kx - 1)], or `zeros`
+// where that falls outside the image (the zero padding). sign = +1 for the forward, -1 for the input gradient.
+void Taps(const float* source, const float* zeros, Geometry g, int64_t i, int64_t j, int sign, const float* taps[9]) {
   for (int ky = 0; ky < 3; ++ky) {
     const int64_t si = i + sign * (ky - 1);
-    if (si < 0 || si >= g.height) continue;
     for (int kx = 0; kx < 3; ++kx) {
       const int64_t sj = j + sign * (kx - 1);
-      if (sj < 0 || sj >= g.width) continue;
-      const float* __restrict s = source + (si * g.width + sj) * g.channels;
-      const float* __restrict k = kernel + (ky * 3 + kx) * g.channels;
-      for (int64_t c = c0; c < c1; ++c) out[c] += s[c] * k[c];
+      const bool inside = si >= 0 && si < g.height && sj >= 0 && sj < g.width;
+      taps[ky * 3 + kx] = inside ? source + (si * g.width + sj) * g.channels : zeros;
     }
   }
 }
 
-void ForwardItem(const float* x, const float* kernel, const float* bias, float* y, Geometry g, int64_t c0,
-                 int64_t c1) {
+// out[c] = first[c] + sum over taps t of taps[t][c] * kernel[t, c], for c in [c0, c1).
+void Stencil(const float* const taps[9], const float* __restrict kernel, const float* __restrict first,
+             float* __restrict out, int64_t channels, int64_t c0, int64_t c1) {
+  const float *__restrict t0 = taps[0], *__restrict t1 = taps[1], *__restrict t2 = taps[2],
+              *__restrict t3 = taps[3], *__restrict t4 = taps[4], *__restrict t5 = taps[5],
+              *__restrict t6 = taps[6], *__restrict t7 = taps[7], *__restrict t8 = taps[8];
+  const float* __restrict k = kernel;
+  const int64_t C = channels;
+  for (int64_t c = c0; c < c1; ++c) {
+    out[c] = first[c] + t0[c] * k[c] + t1[c] * k[C + c] + t2[c] * k[2 * C + c] + t3[c] * k[3 * C + c] +
+             t4[c] * k[4 * C + c] + t5[c] * k[5 * C + c] + t6[c] * k[6 * C + c] + t7[c] * k[7 * C + c] +
+             t8[c] * k[8 * C + c];
+  }
+}
+
+void ForwardItem(const float* x, const float* kernel, const float* bias, const float* zeros, float* y, Geometry g,
+                 int64_t c0, int64_t c1) {
+  const float* taps[9];
   for (int64_t i = 0; i < g.height; ++i) {
     for (int64_t j = 0; j < g.width; ++j) {
-      float* __restrict out = y + (i * g.width + j) * g.channels;
-      for (int64_t c = c0; c < c1; ++c) out[c] = bias[c];
-      Stencil(x, kernel, out, g, i, j, +1, c0, c1);
+      Taps(x, zeros, g, i, j, +1, taps);
+      Stencil(taps, kernel, bias, y + (i * g.width + j) * g.channels, g.channels, c0, c1);
     }
   }
 }
 
 // dx for channels [c0, c1), and their kernel and bias gradients, summed row by row (row: 10 x C scratch).
-void BackwardItem(const float* x, const float* kernel, const float* dy, float* dx, float* dkernel, float* dbias,
-                  float* __restrict row, Geometry g, int64_t c0, int64_t c1) {
+void BackwardItem(const float* x, const float* kernel, const float* dy, const float* zeros, float* dx,
+                  float* dkernel, float* dbias, float* row, Geometry g, int64_t c0, int64_t c1) {
   const int64_t C = g.channels;
   for (int64_t c = c0; c < c1; ++c) {
     dbias[c] = 0.0f;
     for (int tap = 0; tap < 9; ++tap) dkernel[tap * C + c] = 0.0f;
   }
+  float* __restrict sums = row + 9 * C;
+  const float* taps[9];
   for (int64_t i = 0; i < g.height; ++i) {
     for (int tap = 0; tap < 10; ++tap) std::fill(row + tap * C + c0, row + tap * C + c1, 0.0f);
     for (int64_t j = 0; j < g.width; ++j) {
       const float* __restrict d = dy + (i * g.width + j) * C;
-      for (int64_t c = c0; c < c1; ++c) row[9 * C + c] += d[c];
-      for (int ky = 0; ky < 3; ++ky) {
-        const int64_t si = i + ky - 1;
-        if (si < 0 || si >= g.height) continue;
-        for (int kx = 0; kx < 3; ++kx) {
-          const int64_t sj = j + kx - 1;
-          if (sj < 0 || sj >= g.width) continue;
-          const float* __restrict s = x + (si * g.width + sj) * C;
-          float* __restrict acc = row + (ky * 3 + kx) * C;
-          for (int64_t c = c0; c < c1; ++c) acc[c] += s[c] * d[c];
-        }
+      Taps(x, zeros, g, i, j, +1, taps);
+      for (int tap = 0; tap < 9; ++tap) {
+        const float* __restrict t = taps[tap];
+        float* __restrict acc = row + tap * C;
+        for (int64_t c = c0; c < c1; ++c) acc[c] += t[c] * d[c];
       }
+      for (int64_t c = c0; c < c1; ++c) sums[c] += d[c];
     }
-    for (int64_t c = c0; c < c1; ++c) dbias[c] += row[9 * C + c];
+    for (int64_t c = c0; c < c1; ++c) dbias[c] += sums[c];
     for (int tap = 0; tap < 9; ++tap) {
       for (int64_t c = c0; c < c1; ++c) dkernel[tap * C + c] += row[tap * C + c];
     }
   }
   for (int64_t i = 0; i < g.height; ++i) {
     for (int64_t j = 0; j < g.width; ++j) {
-      float* __restrict out = dx + (i * g.width + j) * C;
-      for (int64_t c = c0; c < c1; ++c) out[c] = 0.0f;
-      Stencil(dy, kernel, out, g, i, j, -1, c0, c1);
+      Taps(dy, zeros, g, i, j, -1, taps);
+      Stencil(taps, kernel, zeros, dx + (i * g.width + j) * C, C, c0, c1);
     }
   }
 }
@@ -144,9 +151,11 @@ ffi::Error Forward(ffi::ThreadPool pool, Images x, Kernels kernel, Biases bias, 
   const int64_t image = g.height * g.width * g.channels, blocks = (g.channels + kChannelBlock - 1) / kChannelBlock;
   const float *xp = x.typed_data(), *kp = kernel.typed_data(), *bp = bias.typed_data();
   float* yp = y->typed_data();
+  const std::vector<float> zeros(g.channels);
+  const float* zp = zeros.data();
   ForEachItem(pool, d[0] * blocks, [=](int64_t item) {
     const int64_t b = item / blocks, c0 = item % blocks * kChannelBlock;
-    ForwardItem(xp + b * image, kp + b * 9 * g.channels, bp + b * g.channels, yp + b * image, g, c0,
+    ForwardItem(xp + b * image, kp + b * 9 * g.channels, bp + b * g.channels, zp, yp + b * image, g, c0,
                 std::min(c0 + kChannelBlock, g.channels));
   });
   return ffi::Error::Success();
@@ -161,12 +170,14 @@ ffi::Error Backward(ffi::ThreadPool pool, Images x, Kernels kernel, Images dy,
   const int64_t C = g.channels, image = g.height * g.width * C, blocks = (C + kChannelBlock - 1) / kChannelBlock;
   // One (10, C) row accumulator per image: items of one image touch disjoint channels of it.
   std::vector<float> rows(d[0] * 10 * C);
+  const std::vector<float> zeros(C);
+  const float* zp = zeros.data();
   const float *xp = x.typed_data(), *kp = kernel.typed_data(), *dyp = dy.typed_data();
   float *dxp = dx->typed_data(), *dkp = dkernel->typed_data(), *dbp = dbias->typed_data();
   float* rp = rows.data();
   ForEachItem(pool, d[0] * blocks, [=](int64_t item) {
     const int64_t b = item / blocks, c0 = item % blocks * kChannelBlock;
-    BackwardItem(xp + b * image, kp + b * 9 * C, dyp + b * image, dxp + b * image, dkp + b * 9 * C, dbp + b * C,
+    BackwardItem(xp + b * image, kp + b * 9 * C, dyp + b * image, zp, dxp + b * image, dkp + b * 9 * C, dbp + b * C,
                  rp + b * 10 * C, g, c0, std::min(c0 + kChannelBlock, C));
   });
   return ffi::Error::Success();
