@@ -94,6 +94,12 @@ def native_unsupported(x: jax.Array) -> str | None:
         return f"the default backend is {jax.default_backend()!r}, not 'cpu'"
     if x.dtype != jnp.float32:
         return f"dtype {x.dtype} is not float32"
+    mesh = jax.typeof(x).sharding.mesh
+    explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                if kind == jax.sharding.AxisType.Explicit]
+    if explicit:
+        # partitioning.per_head's vmap rule loses the mesh of an explicitly sharded mapped axis.
+        return f"x is typed with explicit mesh axes {explicit}; the native kernels take Auto ones"
     return _native_build_failure()
 
 

@@ -64,6 +64,9 @@ def test_auto_runs_the_native_kernels_on_cpu():
     hlo = jax.jit(lambda *a: _value_and_vjp("auto", *a)).lower(x, jnp.zeros((3, 3, 8)), jnp.zeros(8), x).as_text()
     assert depthwise_conv._FORWARD_TARGET in hlo and depthwise_conv._BACKWARD_TARGET in hlo
     assert native_unsupported(x.astype(jnp.bfloat16)) == "dtype bfloat16 is not float32"
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    explicit = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    assert "explicit mesh axes ['data']" in native_unsupported(explicit)
 
 
 def test_native_under_vmap_with_mapped_and_unmapped_weights():
@@ -123,10 +126,15 @@ def test_library_is_built_once_per_cache_and_build_failures_are_one_line(tmp_pat
 
 # ----------------------------------------------------------------------------- sharded, in a child process
 
-MESHES = {"batch": ((2,), ("data",), ("data",)), "channels": ((2,), ("model",), (None, None, None, "model"))}
+# name: (mesh shape, axis names, axis type, x's PartitionSpec, what "auto" runs)
+MESHES = {"batch": ((2,), ("data",), "Auto", ("data",), "native"),
+          "channels": ((2,), ("model",), "Auto", (None, None, None, "model"), "native"),
+          "batch-explicit": ((2,), ("data",), "Explicit", ("data",), "shifted")}
 
 
 def test_sharded_batch_or_channels_stay_sharded(tmp_path):
+    """On Auto mesh axes the native kernels run per shard, without gathering; on Explicit ones (which their vmap
+    rule cannot carry) "auto" runs the shifted form."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -136,19 +144,19 @@ def test_sharded_batch_or_channels_stay_sharded(tmp_path):
         expected = _reference(*(arrays[n] for n in ("x", "kernel", "bias", "dy")))
         for name in MESHES:
             _assert_matches([arrays[f"{name}/{n}"] for n in ("y", "dx", "dkernel", "dbias")], expected)
-            assert report[name] == {"all_gather": False, "native": True}
+            assert report[name] == {"all_gather": False, "native": MESHES[name][-1] == "native"}
 
 
 def _run_child(out_dir: str) -> None:
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
     x, kernel, bias, dy = _inputs(7, (4, 6, 5, 256))
     arrays = {"x": x, "kernel": kernel, "bias": bias, "dy": dy}
     report = {}
-    for name, (shape, axes, spec) in MESHES.items():
-        mesh = jax.make_mesh(shape, axes)
+    for name, (shape, axes, axis_type, spec, _) in MESHES.items():
+        mesh = jax.make_mesh(shape, axes, axis_types=(getattr(AxisType, axis_type),) * len(shape))
         placed = [jax.device_put(a, NamedSharding(mesh, PartitionSpec(*spec))) for a in (x, dy)]
-        compiled = jax.jit(lambda x, dy: _value_and_vjp("native", x, kernel, bias, dy)).lower(*placed).compile()
+        compiled = jax.jit(lambda x, dy: _value_and_vjp("auto", x, kernel, bias, dy)).lower(*placed).compile()
         for key, value in zip(("y", "dx", "dkernel", "dbias"), compiled(*placed), strict=True):
             arrays[f"{name}/{key}"] = np.asarray(value)
         hlo = compiled.as_text()
