@@ -94,24 +94,21 @@ def native_unsupported(x: jax.Array) -> str | None:
         return f"the default backend is {jax.default_backend()!r}, not 'cpu'"
     if x.dtype != jnp.float32:
         return f"dtype {x.dtype} is not float32"
-    mesh = jax.typeof(x).sharding.mesh
-    explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-                if kind == jax.sharding.AxisType.Explicit]
-    if explicit:
-        # partitioning.per_head's vmap rule loses the mesh of an explicitly sharded mapped axis.
-        return f"x is typed with explicit mesh axes {explicit}; the native kernels take Auto ones"
     return _native_build_failure()
 
 
 @functools.cache
 def _native_halves():
     """(forward, backward) FFI calls over per-image kernels and biases, wrapped for vmap and sharding."""
+    def like(a):  # with a's sharding: under Explicit mesh axes a result's type names its mesh axes
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.typeof(a).sharding)
+
     def forward(x, kernels, biases):
-        return (jax.ffi.ffi_call(_FORWARD_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, kernels, biases),)
+        return (jax.ffi.ffi_call(_FORWARD_TARGET, like(x))(x, kernels, biases),)
 
     def backward(x, kernels, dy):
-        shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, kernels, kernels[:, 0, 0]))
-        return tuple(jax.ffi.ffi_call(_BACKWARD_TARGET, shapes)(x, kernels, dy))
+        results = (like(x), like(kernels), like(kernels[:, 0, 0]))
+        return tuple(jax.ffi.ffi_call(_BACKWARD_TARGET, results)(x, kernels, dy))
 
     return (partitioning.per_head(forward, in_layouts=("bijh", "bpqh", "bh"), out_layouts=("bijh",)),
             partitioning.per_head(backward, in_layouts=("bijh", "bpqh", "bijh"),

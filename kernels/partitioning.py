@@ -38,10 +38,13 @@ def _fold_vmap(op: Callable[..., tuple[jax.Array, ...]]) -> Callable[..., tuple[
 
     @folded.def_vmap
     def _rule(axis_size, in_batched, *args):
-        args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-                for x, batched in zip(args, in_batched, strict=True)]
-        outs = folded(*(x.reshape(-1, *x.shape[2:]) for x in args))
-        return tuple(y.reshape(axis_size, -1, *y.shape[1:]) for y in outs), (True,) * len(outs)
+        # jax calls this rule outside the caller's mesh context; inputs typed with Explicit mesh axes carry the mesh.
+        meshes = [jax.typeof(x).sharding.mesh for x in args]
+        with jax.sharding.use_abstract_mesh(next((m for m in meshes if not m.empty), meshes[0])):
+            args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                    for x, batched in zip(args, in_batched, strict=True)]
+            outs = folded(*(x.reshape(-1, *x.shape[2:]) for x in args))
+            return tuple(y.reshape(axis_size, -1, *y.shape[1:]) for y in outs), (True,) * len(outs)
 
     return folded
 

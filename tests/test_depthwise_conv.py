@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -64,9 +65,6 @@ def test_auto_runs_the_native_kernels_on_cpu():
     hlo = jax.jit(lambda *a: _value_and_vjp("auto", *a)).lower(x, jnp.zeros((3, 3, 8)), jnp.zeros(8), x).as_text()
     assert depthwise_conv._FORWARD_TARGET in hlo and depthwise_conv._BACKWARD_TARGET in hlo
     assert native_unsupported(x.astype(jnp.bfloat16)) == "dtype bfloat16 is not float32"
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    explicit = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-    assert "explicit mesh axes ['data']" in native_unsupported(explicit)
 
 
 def test_native_under_vmap_with_mapped_and_unmapped_weights():
@@ -126,15 +124,15 @@ def test_library_is_built_once_per_cache_and_build_failures_are_one_line(tmp_pat
 
 # ----------------------------------------------------------------------------- sharded, in a child process
 
-# name: (mesh shape, axis names, axis type, x's PartitionSpec, what "auto" runs)
-MESHES = {"batch": ((2,), ("data",), "Auto", ("data",), "native"),
-          "channels": ((2,), ("model",), "Auto", (None, None, None, "model"), "native"),
-          "batch-explicit": ((2,), ("data",), "Explicit", ("data",), "shifted")}
+# name: (mesh shape, axis names, axis type, x's PartitionSpec)
+MESHES = {"batch": ((2,), ("data",), "Auto", ("data",)),
+          "channels": ((2,), ("model",), "Auto", (None, None, None, "model")),
+          "batch-explicit": ((2,), ("data",), "Explicit", ("data",))}
 
 
 def test_sharded_batch_or_channels_stay_sharded(tmp_path):
-    """On Auto mesh axes the native kernels run per shard, without gathering; on Explicit ones (which their vmap
-    rule cannot carry) "auto" runs the shifted form."""
+    """The native kernels run on each device's shard, without gathering, on Auto and Explicit mesh axes, and
+    under a vmap whose mapped axis is sharded over an Explicit one (as the sharded candidates sampler runs)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -144,7 +142,14 @@ def test_sharded_batch_or_channels_stay_sharded(tmp_path):
         expected = _reference(*(arrays[n] for n in ("x", "kernel", "bias", "dy")))
         for name in MESHES:
             _assert_matches([arrays[f"{name}/{n}"] for n in ("y", "dx", "dkernel", "dbias")], expected)
-            assert report[name] == {"all_gather": False, "native": MESHES[name][-1] == "native"}
+            assert report[name] == {"all_gather": False, "native": True}
+        x, dy = arrays["x"].reshape(2, 2, *arrays["x"].shape[1:]), arrays["dy"].reshape(2, 2, *arrays["dy"].shape[1:])
+        for i in range(2):
+            expected = _reference(x[i], arrays["kernel"], arrays["bias"], dy[i])
+            _assert_matches([arrays[f"vmap-explicit/{n}"][i] for n in ("y", "dx", "dkernel", "dbias")], expected)
+        # Only the per-image kernel and bias gradients, (4, 3, 3, C) and (4, C), are gathered, to sum per candidate.
+        assert report["vmap-explicit"]["native"]
+        assert sorted(report["vmap-explicit"]["gathered"]) == [[4, 3, 3, 256], [4, 256]]
 
 
 def _run_child(out_dir: str) -> None:
@@ -153,7 +158,7 @@ def _run_child(out_dir: str) -> None:
     x, kernel, bias, dy = _inputs(7, (4, 6, 5, 256))
     arrays = {"x": x, "kernel": kernel, "bias": bias, "dy": dy}
     report = {}
-    for name, (shape, axes, axis_type, spec, _) in MESHES.items():
+    for name, (shape, axes, axis_type, spec) in MESHES.items():
         mesh = jax.make_mesh(shape, axes, axis_types=(getattr(AxisType, axis_type),) * len(shape))
         placed = [jax.device_put(a, NamedSharding(mesh, PartitionSpec(*spec))) for a in (x, dy)]
         compiled = jax.jit(lambda x, dy: _value_and_vjp("auto", x, kernel, bias, dy)).lower(*placed).compile()
@@ -161,6 +166,18 @@ def _run_child(out_dir: str) -> None:
             arrays[f"{name}/{key}"] = np.asarray(value)
         hlo = compiled.as_text()
         report[name] = {"all_gather": "all-gather" in hlo, "native": depthwise_conv._BACKWARD_TARGET in hlo}
+    # Two candidates of two images each, the candidates' axis sharded over an Explicit mesh axis.
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,))
+    placed = [jax.device_put(a.reshape(2, 2, *a.shape[1:]), NamedSharding(mesh, PartitionSpec("data")))
+              for a in (x, dy)]
+    per_candidate = jax.vmap(lambda x, dy: _value_and_vjp("auto", x, kernel, bias, dy))
+    compiled = jax.jit(per_candidate).lower(*placed).compile()
+    for key, value in zip(("y", "dx", "dkernel", "dbias"), compiled(*placed), strict=True):
+        arrays[f"vmap-explicit/{key}"] = np.asarray(value)
+    hlo = compiled.as_text()
+    gathered = re.findall(r"= f32\[([\d,]+)\][^ ]* all-gather\(", hlo)
+    report["vmap-explicit"] = {"gathered": [list(map(int, shape.split(","))) for shape in gathered],
+                               "native": depthwise_conv._BACKWARD_TARGET in hlo}
     np.savez(os.path.join(out_dir, "arrays.npz"), **arrays)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f)
