@@ -17,8 +17,8 @@ if __name__ == "kernels":
         sys.modules["kernels"] = _module
         _spec.loader.exec_module(_module)
 else:
-    from sana_jax.kernels.depthwise_conv import depthwise_conv3x3, native_unsupported
+    from sana_jax.kernels.depthwise_conv import depthwise_conv3x3, gated_depthwise_conv3x3, native_unsupported
     from sana_jax.kernels.linear_attention import linear_attention, linear_attention_xla, triton_unsupported
 
-    __all__ = ["depthwise_conv3x3", "linear_attention", "linear_attention_xla", "native_unsupported",
-               "triton_unsupported"]
+    __all__ = ["depthwise_conv3x3", "gated_depthwise_conv3x3", "linear_attention", "linear_attention_xla",
+               "native_unsupported", "triton_unsupported"]

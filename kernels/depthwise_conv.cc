@@ -5,11 +5,23 @@
 //   forward:  x (B, H, W, C), kernel (B, 3, 3, C), bias (B, C)  ->  y (B, H, W, C)
 //   backward: x, kernel, dy (B, H, W, C)  ->  dx (B, H, W, C), dkernel (B, 3, 3, C), dbias (B, C)
 //
+// and the same convolution between SANA's Mix-FFN's SiLU and its gated linear unit: with u (B, H, W, 2, C) and a
+// shift (B, 2, C) (the preceding layer's bias), s = silu(u + shift), y = conv(s) on 2C channels and
+// out = y[..., 0, :] * silu(y[..., 1, :]):
+//
+//   gated forward:  u (B, H, W, 2, C), shift (B, 2, C), kernel (B, 3, 3, 2, C), bias (B, 2, C)
+//                   ->  out (B, H, W, C)
+//   gated backward: u, shift, kernel, bias, dout (B, H, W, C)  ->  du (B, H, W, 2, C), dshift (B, 2, C),
+//                   dkernel (B, 3, 3, 2, C), dbias (B, 2, C)
+//
 // The work is split into (image, block of channels) items, run on the calling thread and XLA's intra-op
 // pool. The backward reads x and dy once for all nine taps; the channel axis is the vectorised inner loop.
+// The gated kernels keep an item's s (and, backward, silu's derivative and y's gradient) in per-thread scratch,
+// so that u is read once and neither s nor y is written out; the backward recomputes y.
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -57,41 +69,62 @@ void ForEachItem(ffi::ThreadPool& pool, int64_t count, Item item) {
   progress->finished.wait(lock, [&] { return progress->done.load() == count; });
 }
 
-// The nine taps' rows of `source` around pixel (i, j): source[i + sign (ky - 1), j + sign (kx - 1)], or `zeros`
-// where that falls outside the image (the zero padding). sign = +1 for the forward, -1 for the input gradient.
-void Taps(const float* source, const float* zeros, Geometry g, int64_t i, int64_t j, int sign, const float* taps[9]) {
+// The nine taps' rows of `source` (g.channels floats per pixel) around pixel (i, j), from float `offset` of
+// each pixel on: source[i + sign (ky - 1), j + sign (kx - 1)], or `zeros` (g.channels of them) where that falls
+// outside the image (the zero padding). sign = +1 for the forward, -1 for the input gradient.
+void Taps(const float* source, const float* zeros, Geometry g, int64_t i, int64_t j, int sign, int64_t offset,
+          const float* taps[9]) {
   for (int ky = 0; ky < 3; ++ky) {
     const int64_t si = i + sign * (ky - 1);
     for (int kx = 0; kx < 3; ++kx) {
       const int64_t sj = j + sign * (kx - 1);
       const bool inside = si >= 0 && si < g.height && sj >= 0 && sj < g.width;
-      taps[ky * 3 + kx] = inside ? source + (si * g.width + sj) * g.channels : zeros;
+      taps[ky * 3 + kx] = (inside ? source + (si * g.width + sj) * g.channels : zeros) + offset;
     }
   }
 }
 
-// out[c] = first[c] + sum over taps t of taps[t][c] * kernel[t, c], for c in [c0, c1).
-void Stencil(const float* const taps[9], const float* __restrict kernel, const float* __restrict first,
-             float* __restrict out, int64_t channels, int64_t c0, int64_t c1) {
+// out[c] = first[c] + sum over taps t of taps[t][c] * kernel[t * stride + c], for c in [0, n).
+void Stencil(const float* const taps[9], const float* __restrict kernel, int64_t stride,
+             const float* __restrict first, float* __restrict out, int64_t n) {
   const float *__restrict t0 = taps[0], *__restrict t1 = taps[1], *__restrict t2 = taps[2],
               *__restrict t3 = taps[3], *__restrict t4 = taps[4], *__restrict t5 = taps[5],
               *__restrict t6 = taps[6], *__restrict t7 = taps[7], *__restrict t8 = taps[8];
   const float* __restrict k = kernel;
-  const int64_t C = channels;
-  for (int64_t c = c0; c < c1; ++c) {
-    out[c] = first[c] + t0[c] * k[c] + t1[c] * k[C + c] + t2[c] * k[2 * C + c] + t3[c] * k[3 * C + c] +
-             t4[c] * k[4 * C + c] + t5[c] * k[5 * C + c] + t6[c] * k[6 * C + c] + t7[c] * k[7 * C + c] +
-             t8[c] * k[8 * C + c];
+  const int64_t S = stride;
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] = first[c] + t0[c] * k[c] + t1[c] * k[S + c] + t2[c] * k[2 * S + c] + t3[c] * k[3 * S + c] +
+             t4[c] * k[4 * S + c] + t5[c] * k[5 * S + c] + t6[c] * k[6 * S + c] + t7[c] * k[7 * S + c] +
+             t8[c] * k[8 * S + c];
   }
 }
+
+// exp(x) within 2 ulp, in a form the compiler vectorises: x = n ln2 + r with |r| <= ln2 / 2 (n rounded by adding
+// and subtracting 1.5 * 2^23), exp(r) by Cephes' expf polynomial, 2^n by the exponent bits. x is clamped to
+// [-87, 88], inside float's normal range.
+inline float Exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts, so that r is exact
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline float Sigmoid(float z) { return 1.0f / (1.0f + Exp(-z)); }
 
 void ForwardItem(const float* x, const float* kernel, const float* bias, const float* zeros, float* y, Geometry g,
                  int64_t c0, int64_t c1) {
   const float* taps[9];
   for (int64_t i = 0; i < g.height; ++i) {
     for (int64_t j = 0; j < g.width; ++j) {
-      Taps(x, zeros, g, i, j, +1, taps);
-      Stencil(taps, kernel, bias, y + (i * g.width + j) * g.channels, g.channels, c0, c1);
+      Taps(x, zeros, g, i, j, +1, c0, taps);
+      Stencil(taps, kernel + c0, g.channels, bias + c0, y + (i * g.width + j) * g.channels + c0, c1 - c0);
     }
   }
 }
@@ -110,7 +143,7 @@ void BackwardItem(const float* x, const float* kernel, const float* dy, const fl
     for (int tap = 0; tap < 10; ++tap) std::fill(row + tap * C + c0, row + tap * C + c1, 0.0f);
     for (int64_t j = 0; j < g.width; ++j) {
       const float* __restrict d = dy + (i * g.width + j) * C;
-      Taps(x, zeros, g, i, j, +1, taps);
+      Taps(x, zeros, g, i, j, +1, 0, taps);
       for (int tap = 0; tap < 9; ++tap) {
         const float* __restrict t = taps[tap];
         float* __restrict acc = row + tap * C;
@@ -125,8 +158,144 @@ void BackwardItem(const float* x, const float* kernel, const float* dy, const fl
   }
   for (int64_t i = 0; i < g.height; ++i) {
     for (int64_t j = 0; j < g.width; ++j) {
-      Taps(dy, zeros, g, i, j, -1, taps);
-      Stencil(taps, kernel, zeros, dx + (i * g.width + j) * C, C, c0, c1);
+      Taps(dy, zeros, g, i, j, -1, c0, taps);
+      Stencil(taps, kernel + c0, C, zeros + c0, dx + (i * g.width + j) * C + c0, c1 - c0);
+    }
+  }
+}
+
+// silu(u + shift) for channels [c0, c0 + n) of both halves of u (H, W, 2, C), as (H, W, 2n) in s, a row of 2n
+// zeros after it; silu's derivative there alike in `slopes` unless that is null.
+void SiluBlock(const float* u, const float* shift, Geometry g, int64_t c0, int64_t n, float* s, float* slopes) {
+  const int64_t C = g.channels, pixels = g.height * g.width;
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int half = 0; half < 2; ++half) {
+      const float* __restrict from = u + (p * 2 + half) * C + c0;
+      const float* __restrict b = shift + half * C + c0;
+      float* __restrict to = s + (p * 2 + half) * n;
+      if (slopes == nullptr) {
+        for (int64_t c = 0; c < n; ++c) to[c] = (from[c] + b[c]) * Sigmoid(from[c] + b[c]);
+      } else {
+        float* __restrict slope = slopes + (p * 2 + half) * n;
+        for (int64_t c = 0; c < n; ++c) {
+          const float z = from[c] + b[c], sigmoid = Sigmoid(z);
+          to[c] = z * sigmoid;
+          slope[c] = sigmoid * (1.0f + z * (1.0f - sigmoid));
+        }
+      }
+    }
+  }
+  std::fill(s + pixels * 2 * n, s + (pixels + 1) * 2 * n, 0.0f);
+}
+
+// The kernel (9, 2, C) and bias (2, C) of channels [c0, c0 + n) of both halves, packed as (9, 2n) and (2n).
+void PackBlock(const float* kernel, const float* bias, int64_t C, int64_t c0, int64_t n, float* packed) {
+  for (int tap = 0; tap <= 9; ++tap) {  // tap 9: the bias
+    for (int half = 0; half < 2; ++half) {
+      const float* from = tap < 9 ? kernel + (tap * 2 + half) * C + c0 : bias + half * C + c0;
+      std::copy(from, from + n, packed + (tap * 2 + half) * n);
+    }
+  }
+}
+
+// y = conv(s) at pixel (i, j) for the block's 2n channels, from SiluBlock's s and PackBlock's kernel and bias.
+void BlockStencil(const float* s, const float* packed, Geometry block, int64_t i, int64_t j, float* y) {
+  const int64_t m = block.channels;
+  const float* taps[9];
+  Taps(s, s + block.height * block.width * m, block, i, j, +1, 0, taps);
+  Stencil(taps, packed, m, packed + 9 * m, y, m);
+}
+
+// Per-thread scratch of at least `size` floats, kept between calls.
+float* Scratch(int64_t size) {
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < size) scratch.resize(size);
+  return scratch.data();
+}
+
+void GatedForwardItem(const float* u, const float* shift, const float* kernel, const float* bias, float* out,
+                      Geometry g, int64_t c0, int64_t n) {
+  const int64_t C = g.channels, m = 2 * n, block = (g.height * g.width + 1) * m;
+  const Geometry blocked{g.height, g.width, m};
+  float* s = Scratch(block + 11 * m);
+  float *packed = s + block, *y = packed + 10 * m;
+  PackBlock(kernel, bias, C, c0, n, packed);
+  SiluBlock(u, shift, g, c0, n, s, nullptr);
+  for (int64_t i = 0; i < g.height; ++i) {
+    for (int64_t j = 0; j < g.width; ++j) {
+      BlockStencil(s, packed, blocked, i, j, y);
+      const float *__restrict ya = y, *__restrict yg = y + n;
+      float* __restrict o = out + (i * g.width + j) * C + c0;
+      for (int64_t c = 0; c < n; ++c) o[c] = ya[c] * yg[c] * Sigmoid(yg[c]);
+    }
+  }
+}
+
+// du and the shift, kernel and bias gradients for channels [c0, c0 + n) of both halves. y's gradient (H, W, 2n)
+// is kept whole (the input gradient's stencil reads its neighbours); the kernel gradient is summed row by row.
+void GatedBackwardItem(const float* u, const float* shift, const float* kernel, const float* bias, const float* dout,
+                       float* du, float* dshift, float* dkernel, float* dbias, Geometry g, int64_t c0, int64_t n) {
+  const int64_t C = g.channels, m = 2 * n, block = (g.height * g.width + 1) * m;
+  const Geometry blocked{g.height, g.width, m};
+  float* s = Scratch(3 * block + 21 * m);
+  float *slopes = s + block, *dy = slopes + block, *row = dy + block, *packed = row + 10 * m, *y = packed + 10 * m;
+  const float* s_zeros = s + block - m;
+  float* dy_zeros = dy + block - m;
+  float* __restrict sums = row + 9 * m;
+  PackBlock(kernel, bias, C, c0, n, packed);
+  SiluBlock(u, shift, g, c0, n, s, slopes);
+  std::fill(dy_zeros, dy_zeros + m, 0.0f);
+  for (int half = 0; half < 2; ++half) {
+    std::fill(dshift + half * C + c0, dshift + half * C + c0 + n, 0.0f);
+    std::fill(dbias + half * C + c0, dbias + half * C + c0 + n, 0.0f);
+    for (int tap = 0; tap < 9; ++tap) {
+      float* first = dkernel + (tap * 2 + half) * C + c0;
+      std::fill(first, first + n, 0.0f);
+    }
+  }
+  const float* taps[9];
+  for (int64_t i = 0; i < g.height; ++i) {
+    std::fill(row, row + 10 * m, 0.0f);
+    for (int64_t j = 0; j < g.width; ++j) {
+      BlockStencil(s, packed, blocked, i, j, y);
+      const float *__restrict ya = y, *__restrict yg = y + n;
+      const float* __restrict o = dout + (i * g.width + j) * C + c0;
+      float* __restrict d = dy + (i * g.width + j) * m;
+      for (int64_t c = 0; c < n; ++c) {
+        const float sigmoid = Sigmoid(yg[c]);
+        d[c] = o[c] * yg[c] * sigmoid;
+        d[n + c] = o[c] * ya[c] * sigmoid * (1.0f + yg[c] * (1.0f - sigmoid));
+      }
+      Taps(s, s_zeros, blocked, i, j, +1, 0, taps);
+      for (int tap = 0; tap < 9; ++tap) {
+        const float* __restrict t = taps[tap];
+        float* __restrict acc = row + tap * m;
+        for (int64_t c = 0; c < m; ++c) acc[c] += t[c] * d[c];
+      }
+      for (int64_t c = 0; c < m; ++c) sums[c] += d[c];
+    }
+    for (int half = 0; half < 2; ++half) {
+      for (int64_t c = 0; c < n; ++c) dbias[half * C + c0 + c] += sums[half * n + c];
+      for (int tap = 0; tap < 9; ++tap) {
+        for (int64_t c = 0; c < n; ++c) dkernel[(tap * 2 + half) * C + c0 + c] += row[tap * m + half * n + c];
+      }
+    }
+  }
+  float* ds = y;  // m floats, free now
+  for (int64_t i = 0; i < g.height; ++i) {
+    for (int64_t j = 0; j < g.width; ++j) {
+      const int64_t p = i * g.width + j;
+      Taps(dy, dy_zeros, blocked, i, j, -1, 0, taps);
+      Stencil(taps, packed, m, dy_zeros, ds, m);
+      for (int half = 0; half < 2; ++half) {
+        const float *__restrict slope = slopes + (p * 2 + half) * n, *__restrict dsh = ds + half * n;
+        float* __restrict dx = du + (p * 2 + half) * C + c0;
+        float* __restrict dsum = dshift + half * C + c0;
+        for (int64_t c = 0; c < n; ++c) {
+          dx[c] = dsh[c] * slope[c];
+          dsum[c] += dx[c];
+        }
+      }
     }
   }
 }
@@ -183,6 +352,56 @@ ffi::Error Backward(ffi::ThreadPool pool, Images x, Kernels kernel, Images dy,
   return ffi::Error::Success();
 }
 
+using GatedImages = ffi::Buffer<ffi::F32, 5>;
+using GatedBiases = ffi::Buffer<ffi::F32, 3>;
+
+ffi::Error CheckGatedShapes(const GatedImages& u, const GatedBiases& shift, const GatedImages& kernel,
+                            const GatedBiases& bias) {
+  auto ud = u.dimensions(), sd = shift.dimensions(), kd = kernel.dimensions(), bd = bias.dimensions();
+  if (ud[3] != 2 || kd[0] != ud[0] || kd[1] != 3 || kd[2] != 3 || kd[3] != 2 || kd[4] != ud[4] ||
+      bd[0] != ud[0] || bd[1] != 2 || bd[2] != ud[4] || sd[0] != bd[0] || sd[1] != bd[1] || sd[2] != bd[2]) {
+    return ffi::Error::InvalidArgument("gated depthwise_conv3x3: expected u (B, H, W, 2, C), shift (B, 2, C), "
+                                       "kernel (B, 3, 3, 2, C) and bias (B, 2, C)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatedForward(ffi::ThreadPool pool, GatedImages u, GatedBiases shift, GatedImages kernel, GatedBiases bias,
+                        ffi::Result<Images> out) {
+  if (ffi::Error error = CheckGatedShapes(u, shift, kernel, bias); error.failure()) return error;
+  auto d = u.dimensions();
+  const Geometry g{d[1], d[2], d[4]};
+  const int64_t C = g.channels, pixels = g.height * g.width, blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  const float *up = u.typed_data(), *sp = shift.typed_data(), *kp = kernel.typed_data(), *bp = bias.typed_data();
+  float* op = out->typed_data();
+  ForEachItem(pool, d[0] * blocks, [=](int64_t item) {
+    const int64_t b = item / blocks, c0 = item % blocks * kChannelBlock;
+    GatedForwardItem(up + b * pixels * 2 * C, sp + b * 2 * C, kp + b * 18 * C, bp + b * 2 * C, op + b * pixels * C,
+                     g, c0, std::min(kChannelBlock, C - c0));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GatedBackward(ffi::ThreadPool pool, GatedImages u, GatedBiases shift, GatedImages kernel, GatedBiases bias,
+                         Images dout, ffi::Result<GatedImages> du, ffi::Result<GatedBiases> dshift,
+                         ffi::Result<GatedImages> dkernel, ffi::Result<GatedBiases> dbias) {
+  if (ffi::Error error = CheckGatedShapes(u, shift, kernel, bias); error.failure()) return error;
+  auto d = u.dimensions();
+  const Geometry g{d[1], d[2], d[4]};
+  const int64_t C = g.channels, pixels = g.height * g.width, blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  const float *up = u.typed_data(), *sp = shift.typed_data(), *kp = kernel.typed_data(), *bp = bias.typed_data(),
+              *dop = dout.typed_data();
+  float *dup = du->typed_data(), *dsp = dshift->typed_data(), *dkp = dkernel->typed_data(),
+        *dbp = dbias->typed_data();
+  ForEachItem(pool, d[0] * blocks, [=](int64_t item) {
+    const int64_t b = item / blocks, c0 = item % blocks * kChannelBlock;
+    GatedBackwardItem(up + b * pixels * 2 * C, sp + b * 2 * C, kp + b * 18 * C, bp + b * 2 * C, dop + b * pixels * C,
+                      dup + b * pixels * 2 * C, dsp + b * 2 * C, dkp + b * 18 * C, dbp + b * 2 * C, g, c0,
+                      std::min(kChannelBlock, C - c0));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaDepthwiseConv3x3, Forward,
@@ -198,3 +417,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaDepthwiseConv3x3Backward, Backward,
                                   .Ret<Images>()
                                   .Ret<Images>()
                                   .Ret<Biases>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaGatedDepthwiseConv3x3, GatedForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<GatedImages>()
+                                  .Arg<GatedBiases>()
+                                  .Arg<GatedImages>()
+                                  .Arg<GatedBiases>()
+                                  .Ret<Images>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaGatedDepthwiseConv3x3Backward, GatedBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<GatedImages>()
+                                  .Arg<GatedBiases>()
+                                  .Arg<GatedImages>()
+                                  .Arg<GatedBiases>()
+                                  .Arg<Images>()
+                                  .Ret<GatedImages>()
+                                  .Ret<GatedBiases>()
+                                  .Ret<GatedImages>()
+                                  .Ret<GatedBiases>());

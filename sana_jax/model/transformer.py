@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sana_jax.kernels.depthwise_conv import depthwise_conv3x3
+from sana_jax.kernels.depthwise_conv import gated_depthwise_conv3x3
 from sana_jax.model.config import SanaConfig
 
 TIMESTEP_CHANNELS = 256
@@ -54,22 +54,26 @@ def _matmul_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (+ bias); kernel (in, out), cast to the compute dtype."""
+    """y = x @ kernel (+ bias); kernel (in, out), cast to the compute dtype. With `defer_bias`, (x @ kernel, bias)
+    for a consumer that adds the bias itself."""
 
     features: int
     axes: tuple[str | None, str | None]
     use_bias: bool = True
+    defer_bias: bool = False
     kernel_init: nn.initializers.Initializer = _xavier
     param_dtype: jnp.dtype = jnp.float32
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
         kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes,
                         self.param_dtype)
         y = _matmul_rows(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = _param(self, "bias", _zeros, (self.features,), (self.axes[1],), self.param_dtype)
+            if self.defer_bias:
+                return y, bias.astype(self.dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -231,20 +235,21 @@ class CaptionProjection(nn.Module):
         return dense(("embed", "mlp"), name="linear_2")(jax.nn.gelu(x, approximate=True))
 
 
-class DepthwiseConv3x3(nn.Module):
-    """3x3 depthwise convolution with bias on (B, h, w, C); kernel (3, 3, C)."""
+class GatedDepthwiseConv3x3(nn.Module):
+    """SiLU(u + shift), 3x3 depthwise convolution with bias, x * SiLU(gate): u (B, h, w, 2C), shift (2C,)
+    -> (B, h, w, C); kernel (3, 3, 2C)."""
 
     param_dtype: jnp.dtype = jnp.float32
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
+    def __call__(self, u: jax.Array, shift: jax.Array) -> jax.Array:
+        channels = u.shape[-1]
         # PyTorch's default for a depthwise conv: uniform(+-1/sqrt(9)).
         init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=(0, 1), out_axis=2)
         kernel = _param(self, "kernel", init, (3, 3, channels), (None, None, "mlp"), self.param_dtype)
         bias = _param(self, "bias", _zeros, (channels,), ("mlp",), self.param_dtype)
-        return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+        return gated_depthwise_conv3x3(*(a.astype(self.dtype) for a in (u, shift, kernel, bias)))
 
 
 class GLUMBConv(nn.Module):
@@ -260,11 +265,12 @@ class GLUMBConv(nn.Module):
         cfg = self.config
         hidden = cfg.mlp_hidden
         dense = functools.partial(Dense, param_dtype=cfg.param_dtype, dtype=cfg.compute_dtype)
-        x = jax.nn.silu(dense(2 * hidden, ("embed", "mlp"), name="conv_inverted")(x))
-        grid = x.reshape(x.shape[0], self.height, self.width, 2 * hidden)
-        grid = DepthwiseConv3x3(cfg.param_dtype, cfg.compute_dtype, name="conv_depth")(grid)
-        x, gate = jnp.split(grid.reshape(x.shape), 2, axis=-1)
-        return dense(cfg.hidden, ("mlp", "embed"), use_bias=False, name="conv_point")(x * jax.nn.silu(gate))
+        # conv_inverted's bias is added inside the gated convolution (one pass fewer over the widest activation).
+        product, shift = dense(2 * hidden, ("embed", "mlp"), defer_bias=True, name="conv_inverted")(x)
+        grid = product.reshape(x.shape[0], self.height, self.width, 2 * hidden)
+        gated = GatedDepthwiseConv3x3(cfg.param_dtype, cfg.compute_dtype, name="conv_depth")(grid, shift)
+        return dense(cfg.hidden, ("mlp", "embed"), use_bias=False, name="conv_point")(gated.reshape(x.shape[0], -1,
+                                                                                                   hidden))
 
 
 class SanaBlock(nn.Module):
