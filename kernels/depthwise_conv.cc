@@ -24,6 +24,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -198,12 +199,70 @@ void PackBlock(const float* kernel, const float* bias, int64_t C, int64_t c0, in
   }
 }
 
-// y = conv(s) at pixel (i, j) for the block's 2n channels, from SiluBlock's s and PackBlock's kernel and bias.
-void BlockStencil(const float* s, const float* packed, Geometry block, int64_t i, int64_t j, float* y) {
-  const int64_t m = block.channels;
-  const float* taps[9];
-  Taps(s, s + block.height * block.width * m, block, i, j, +1, 0, taps);
-  Stencil(taps, packed, m, packed + 9 * m, y, m);
+// 16 floats, in the widest registers the target has (GCC's and Clang's generic vectors), loaded and stored unaligned.
+typedef float Vector __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline Vector Load(const float* p) {
+  Vector v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, Vector v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The nine taps' pointers (Taps) of every pixel of row i, 9 per pixel, in `taps` (9 W of them).
+void RowTaps(const float* source, const float* zeros, Geometry g, int64_t i, int sign, const float** taps) {
+  for (int64_t j = 0; j < g.width; ++j) Taps(source, zeros, g, i, j, sign, 0, taps + 9 * j);
+}
+
+// Stencil for every pixel of a row (RowTaps' taps), out (W, m) with m = g.channels: a block of 16 channels at a
+// time, its nine kernel rows held in registers over the row; the last m % 16 channels by Stencil.
+void RowStencil(const float* const* taps, const float* kernel, const float* first, float* out, Geometry g) {
+  const int64_t m = g.channels;
+  int64_t c = 0;
+  for (; c + kLanes <= m; c += kLanes) {
+    Vector k[9];
+    for (int tap = 0; tap < 9; ++tap) k[tap] = Load(kernel + tap * m + c);
+    const Vector b = Load(first + c);
+    for (int64_t j = 0; j < g.width; ++j) {
+      const float* const* t = taps + 9 * j;
+      Vector acc = b;
+      for (int tap = 0; tap < 9; ++tap) acc += Load(t[tap] + c) * k[tap];
+      Store(out + j * m + c, acc);
+    }
+  }
+  if (c < m) {
+    for (int64_t j = 0; j < g.width; ++j) {
+      const float* t[9];
+      for (int tap = 0; tap < 9; ++tap) t[tap] = taps[9 * j + tap] + c;
+      Stencil(t, kernel + c, m, first + c, out + j * m + c, m - c);
+    }
+  }
+}
+
+// sums[tap * m + c] = sum over the row's pixels j of taps[9 j + tap][c] * d[j * m + c], and sums[9 m + c] the sum of
+// d[j * m + c]: a row's kernel and bias gradients, a block of 16 channels at a time in ten registers.
+void RowGradients(const float* const* taps, const float* d, float* sums, Geometry g) {
+  const int64_t m = g.channels;
+  int64_t c = 0;
+  for (; c + kLanes <= m; c += kLanes) {
+    Vector acc[10] = {};
+    for (int64_t j = 0; j < g.width; ++j) {
+      const Vector dj = Load(d + j * m + c);
+      for (int tap = 0; tap < 9; ++tap) acc[tap] += Load(taps[9 * j + tap] + c) * dj;
+      acc[9] += dj;
+    }
+    for (int tap = 0; tap < 10; ++tap) Store(sums + tap * m + c, acc[tap]);
+  }
+  for (; c < m; ++c) {
+    float acc[10] = {};
+    for (int64_t j = 0; j < g.width; ++j) {
+      for (int tap = 0; tap < 9; ++tap) acc[tap] += taps[9 * j + tap][c] * d[j * m + c];
+      acc[9] += d[j * m + c];
+    }
+    for (int tap = 0; tap < 10; ++tap) sums[tap * m + c] = acc[tap];
+  }
 }
 
 // Per-thread scratch of at least `size` floats, kept between calls.
@@ -217,14 +276,16 @@ void GatedForwardItem(const float* u, const float* shift, const float* kernel, c
                       Geometry g, int64_t c0, int64_t n) {
   const int64_t C = g.channels, m = 2 * n, block = (g.height * g.width + 1) * m;
   const Geometry blocked{g.height, g.width, m};
-  float* s = Scratch(block + 11 * m);
+  float* s = Scratch(block + 10 * m + g.width * m);
   float *packed = s + block, *y = packed + 10 * m;
+  std::vector<const float*> taps(9 * g.width);
   PackBlock(kernel, bias, C, c0, n, packed);
   SiluBlock(u, shift, g, c0, n, s, nullptr);
   for (int64_t i = 0; i < g.height; ++i) {
+    RowTaps(s, s + block - m, blocked, i, +1, taps.data());
+    RowStencil(taps.data(), packed, packed + 9 * m, y, blocked);
     for (int64_t j = 0; j < g.width; ++j) {
-      BlockStencil(s, packed, blocked, i, j, y);
-      const float *__restrict ya = y, *__restrict yg = y + n;
+      const float *__restrict ya = y + j * m, *__restrict yg = ya + n;
       float* __restrict o = out + (i * g.width + j) * C + c0;
       for (int64_t c = 0; c < n; ++c) o[c] = ya[c] * yg[c] * Sigmoid(yg[c]);
     }
@@ -237,62 +298,54 @@ void GatedBackwardItem(const float* u, const float* shift, const float* kernel, 
                        float* du, float* dshift, float* dkernel, float* dbias, Geometry g, int64_t c0, int64_t n) {
   const int64_t C = g.channels, m = 2 * n, block = (g.height * g.width + 1) * m;
   const Geometry blocked{g.height, g.width, m};
-  float* s = Scratch(3 * block + 21 * m);
-  float *slopes = s + block, *dy = slopes + block, *row = dy + block, *packed = row + 10 * m, *y = packed + 10 * m;
-  const float* s_zeros = s + block - m;
-  float* dy_zeros = dy + block - m;
-  float* __restrict sums = row + 9 * m;
+  float* s = Scratch(3 * block + 20 * m + g.width * m);
+  float *slopes = s + block, *dy = slopes + block, *sums = dy + block, *packed = sums + 10 * m, *y = packed + 10 * m;
+  float* zeros = dy + block - m;  // the row of zeros after dy, as after s
+  std::vector<const float*> taps(9 * g.width);
   PackBlock(kernel, bias, C, c0, n, packed);
   SiluBlock(u, shift, g, c0, n, s, slopes);
-  std::fill(dy_zeros, dy_zeros + m, 0.0f);
+  std::fill(zeros, zeros + m, 0.0f);
   for (int half = 0; half < 2; ++half) {
-    std::fill(dshift + half * C + c0, dshift + half * C + c0 + n, 0.0f);
     std::fill(dbias + half * C + c0, dbias + half * C + c0 + n, 0.0f);
     for (int tap = 0; tap < 9; ++tap) {
       float* first = dkernel + (tap * 2 + half) * C + c0;
       std::fill(first, first + n, 0.0f);
     }
   }
-  const float* taps[9];
   for (int64_t i = 0; i < g.height; ++i) {
-    std::fill(row, row + 10 * m, 0.0f);
+    RowTaps(s, zeros, blocked, i, +1, taps.data());
+    RowStencil(taps.data(), packed, packed + 9 * m, y, blocked);
+    float* dy_row = dy + i * g.width * m;
     for (int64_t j = 0; j < g.width; ++j) {
-      BlockStencil(s, packed, blocked, i, j, y);
-      const float *__restrict ya = y, *__restrict yg = y + n;
+      const float *__restrict ya = y + j * m, *__restrict yg = ya + n;
       const float* __restrict o = dout + (i * g.width + j) * C + c0;
-      float* __restrict d = dy + (i * g.width + j) * m;
+      float* __restrict d = dy_row + j * m;
       for (int64_t c = 0; c < n; ++c) {
         const float sigmoid = Sigmoid(yg[c]);
         d[c] = o[c] * yg[c] * sigmoid;
         d[n + c] = o[c] * ya[c] * sigmoid * (1.0f + yg[c] * (1.0f - sigmoid));
       }
-      Taps(s, s_zeros, blocked, i, j, +1, 0, taps);
-      for (int tap = 0; tap < 9; ++tap) {
-        const float* __restrict t = taps[tap];
-        float* __restrict acc = row + tap * m;
-        for (int64_t c = 0; c < m; ++c) acc[c] += t[c] * d[c];
-      }
-      for (int64_t c = 0; c < m; ++c) sums[c] += d[c];
     }
+    RowGradients(taps.data(), dy_row, sums, blocked);
     for (int half = 0; half < 2; ++half) {
-      for (int64_t c = 0; c < n; ++c) dbias[half * C + c0 + c] += sums[half * n + c];
+      for (int64_t c = 0; c < n; ++c) dbias[half * C + c0 + c] += sums[9 * m + half * n + c];
       for (int tap = 0; tap < 9; ++tap) {
-        for (int64_t c = 0; c < n; ++c) dkernel[(tap * 2 + half) * C + c0 + c] += row[tap * m + half * n + c];
+        for (int64_t c = 0; c < n; ++c) dkernel[(tap * 2 + half) * C + c0 + c] += sums[tap * m + half * n + c];
       }
     }
   }
-  float* ds = y;  // m floats, free now
+  for (int half = 0; half < 2; ++half) std::fill(dshift + half * C + c0, dshift + half * C + c0 + n, 0.0f);
   for (int64_t i = 0; i < g.height; ++i) {
+    RowTaps(dy, zeros, blocked, i, -1, taps.data());
+    RowStencil(taps.data(), packed, zeros, y, blocked);  // y: ds, the SiLU output's gradient
     for (int64_t j = 0; j < g.width; ++j) {
       const int64_t p = i * g.width + j;
-      Taps(dy, dy_zeros, blocked, i, j, -1, 0, taps);
-      Stencil(taps, packed, m, dy_zeros, ds, m);
       for (int half = 0; half < 2; ++half) {
-        const float *__restrict slope = slopes + (p * 2 + half) * n, *__restrict dsh = ds + half * n;
+        const float *__restrict slope = slopes + (p * 2 + half) * n, *__restrict ds = y + j * m + half * n;
         float* __restrict dx = du + (p * 2 + half) * C + c0;
         float* __restrict dsum = dshift + half * C + c0;
         for (int64_t c = 0; c < n; ++c) {
-          dx[c] = dsh[c] * slope[c];
+          dx[c] = ds[c] * slope[c];
           dsum[c] += dx[c];
         }
       }
