@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -472,23 +471,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaDepthwiseConv3x3Backward, Backward,
                                   .Ret<Biases>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaGatedDepthwiseConv3x3, GatedForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<GatedImages>()
-                                  .Arg<GatedBiases>()
-                                  .Arg<GatedImages>()
-                                  .Arg<GatedBiases>()
-                                  .Ret<Images>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<GatedImages>().Arg<GatedBiases>()
+                                  .Arg<GatedImages>().Arg<GatedBiases>().Ret<Images>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaGatedDepthwiseConv3x3Backward, GatedBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<GatedImages>()
-                                  .Arg<GatedBiases>()
-                                  .Arg<GatedImages>()
-                                  .Arg<GatedBiases>()
-                                  .Arg<Images>()
-                                  .Ret<GatedImages>()
-                                  .Ret<GatedBiases>()
-                                  .Ret<GatedImages>()
-                                  .Ret<GatedBiases>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<GatedImages>().Arg<GatedBiases>()
+                                  .Arg<GatedImages>().Arg<GatedBiases>().Arg<Images>().Ret<GatedImages>()
+                                  .Ret<GatedBiases>().Ret<GatedImages>().Ret<GatedBiases>());
