@@ -184,8 +184,9 @@ def _native_gated_fwd(u, shift, kernel, bias):
 def _native_gated_bwd(residuals, dout):
     u, shift, kernel, bias = residuals
     du, *per_image = _native_gated_halves()[1](*_gated_operands(*residuals), dout)
-    return du.reshape(u.shape), *(jnp.sum(g, axis=0).reshape(a.shape) for g, a in zip(per_image, (shift, kernel, bias),
-                                                                                      strict=True))
+    dshift, dkernel, dbias = (jnp.sum(g, axis=0).reshape(a.shape)
+                              for g, a in zip(per_image, (shift, kernel, bias), strict=True))
+    return du.reshape(u.shape), dshift, dkernel, dbias
 
 
 _native_gated.defvjp(_native_gated_fwd, _native_gated_bwd)

@@ -269,8 +269,8 @@ class GLUMBConv(nn.Module):
         product, shift = dense(2 * hidden, ("embed", "mlp"), defer_bias=True, name="conv_inverted")(x)
         grid = product.reshape(x.shape[0], self.height, self.width, 2 * hidden)
         gated = GatedDepthwiseConv3x3(cfg.param_dtype, cfg.compute_dtype, name="conv_depth")(grid, shift)
-        return dense(cfg.hidden, ("mlp", "embed"), use_bias=False, name="conv_point")(gated.reshape(x.shape[0], -1,
-                                                                                                   hidden))
+        gated = gated.reshape(x.shape[0], -1, hidden)
+        return dense(cfg.hidden, ("mlp", "embed"), use_bias=False, name="conv_point")(gated)
 
 
 class SanaBlock(nn.Module):
