@@ -69,17 +69,16 @@ void ForEachItem(ffi::ThreadPool& pool, int64_t count, Item item) {
   progress->finished.wait(lock, [&] { return progress->done.load() == count; });
 }
 
-// The nine taps' rows of `source` (g.channels floats per pixel) around pixel (i, j), from float `offset` of
-// each pixel on: source[i + sign (ky - 1), j + sign (kx - 1)], or `zeros` (g.channels of them) where that falls
-// outside the image (the zero padding). sign = +1 for the forward, -1 for the input gradient.
-void Taps(const float* source, const float* zeros, Geometry g, int64_t i, int64_t j, int sign, int64_t offset,
-          const float* taps[9]) {
+// The nine taps' rows of `source` (g.channels floats per pixel) around pixel (i, j):
+// source[i + sign (ky - 1), j + sign (kx - 1)], or `zeros` (g.channels of them) where that falls outside the image
+// (the zero padding). sign = +1 for the forward, -1 for the input gradient.
+void Taps(const float* source, const float* zeros, Geometry g, int64_t i, int64_t j, int sign, const float* taps[9]) {
   for (int ky = 0; ky < 3; ++ky) {
     const int64_t si = i + sign * (ky - 1);
     for (int kx = 0; kx < 3; ++kx) {
       const int64_t sj = j + sign * (kx - 1);
       const bool inside = si >= 0 && si < g.height && sj >= 0 && sj < g.width;
-      taps[ky * 3 + kx] = (inside ? source + (si * g.width + sj) * g.channels : zeros) + offset;
+      taps[ky * 3 + kx] = inside ? source + (si * g.width + sj) * g.channels : zeros;
     }
   }
 }
@@ -117,52 +116,6 @@ inline float Exp(float x) {
 }
 
 inline float Sigmoid(float z) { return 1.0f / (1.0f + Exp(-z)); }
-
-void ForwardItem(const float* x, const float* kernel, const float* bias, const float* zeros, float* y, Geometry g,
-                 int64_t c0, int64_t c1) {
-  const float* taps[9];
-  for (int64_t i = 0; i < g.height; ++i) {
-    for (int64_t j = 0; j < g.width; ++j) {
-      Taps(x, zeros, g, i, j, +1, c0, taps);
-      Stencil(taps, kernel + c0, g.channels, bias + c0, y + (i * g.width + j) * g.channels + c0, c1 - c0);
-    }
-  }
-}
-
-// dx for channels [c0, c1), and their kernel and bias gradients, summed row by row (row: 10 x C scratch).
-void BackwardItem(const float* x, const float* kernel, const float* dy, const float* zeros, float* dx,
-                  float* dkernel, float* dbias, float* row, Geometry g, int64_t c0, int64_t c1) {
-  const int64_t C = g.channels;
-  for (int64_t c = c0; c < c1; ++c) {
-    dbias[c] = 0.0f;
-    for (int tap = 0; tap < 9; ++tap) dkernel[tap * C + c] = 0.0f;
-  }
-  float* __restrict sums = row + 9 * C;
-  const float* taps[9];
-  for (int64_t i = 0; i < g.height; ++i) {
-    for (int tap = 0; tap < 10; ++tap) std::fill(row + tap * C + c0, row + tap * C + c1, 0.0f);
-    for (int64_t j = 0; j < g.width; ++j) {
-      const float* __restrict d = dy + (i * g.width + j) * C;
-      Taps(x, zeros, g, i, j, +1, 0, taps);
-      for (int tap = 0; tap < 9; ++tap) {
-        const float* __restrict t = taps[tap];
-        float* __restrict acc = row + tap * C;
-        for (int64_t c = c0; c < c1; ++c) acc[c] += t[c] * d[c];
-      }
-      for (int64_t c = c0; c < c1; ++c) sums[c] += d[c];
-    }
-    for (int64_t c = c0; c < c1; ++c) dbias[c] += sums[c];
-    for (int tap = 0; tap < 9; ++tap) {
-      for (int64_t c = c0; c < c1; ++c) dkernel[tap * C + c] += row[tap * C + c];
-    }
-  }
-  for (int64_t i = 0; i < g.height; ++i) {
-    for (int64_t j = 0; j < g.width; ++j) {
-      Taps(dy, zeros, g, i, j, -1, c0, taps);
-      Stencil(taps, kernel + c0, C, zeros + c0, dx + (i * g.width + j) * C + c0, c1 - c0);
-    }
-  }
-}
 
 // silu(u + shift) for channels [c0, c0 + n) of both halves of u (H, W, 2, C), as (H, W, 2n) in s, a row of 2n
 // zeros after it; silu's derivative there alike in `slopes` unless that is null.
@@ -212,15 +165,17 @@ inline void Store(float* p, Vector v) { std::memcpy(p, &v, sizeof(v)); }
 
 // The nine taps' pointers (Taps) of every pixel of row i, 9 per pixel, in `taps` (9 W of them).
 void RowTaps(const float* source, const float* zeros, Geometry g, int64_t i, int sign, const float** taps) {
-  for (int64_t j = 0; j < g.width; ++j) Taps(source, zeros, g, i, j, sign, 0, taps + 9 * j);
+  for (int64_t j = 0; j < g.width; ++j) Taps(source, zeros, g, i, j, sign, taps + 9 * j);
 }
 
-// Stencil for every pixel of a row (RowTaps' taps), out (W, m) with m = g.channels: a block of 16 channels at a
-// time, its nine kernel rows held in registers over the row; the last m % 16 channels by Stencil.
-void RowStencil(const float* const* taps, const float* kernel, const float* first, float* out, Geometry g) {
+// Stencil for channels [c0, c1) of every pixel of a row (RowTaps' taps); kernel (9, m), first (m) and out (W, m)
+// with m = g.channels. A block of 16 channels at a time, its nine kernel rows held in registers over the row; the
+// last (c1 - c0) % 16 channels by Stencil.
+void RowStencil(const float* const* taps, const float* kernel, const float* first, float* out, Geometry g, int64_t c0,
+                int64_t c1) {
   const int64_t m = g.channels;
-  int64_t c = 0;
-  for (; c + kLanes <= m; c += kLanes) {
+  int64_t c = c0;
+  for (; c + kLanes <= c1; c += kLanes) {
     Vector k[9];
     for (int tap = 0; tap < 9; ++tap) k[tap] = Load(kernel + tap * m + c);
     const Vector b = Load(first + c);
@@ -231,21 +186,22 @@ void RowStencil(const float* const* taps, const float* kernel, const float* firs
       Store(out + j * m + c, acc);
     }
   }
-  if (c < m) {
+  if (c < c1) {
     for (int64_t j = 0; j < g.width; ++j) {
       const float* t[9];
       for (int tap = 0; tap < 9; ++tap) t[tap] = taps[9 * j + tap] + c;
-      Stencil(t, kernel + c, m, first + c, out + j * m + c, m - c);
+      Stencil(t, kernel + c, m, first + c, out + j * m + c, c1 - c);
     }
   }
 }
 
 // sums[tap * m + c] = sum over the row's pixels j of taps[9 j + tap][c] * d[j * m + c], and sums[9 m + c] the sum of
-// d[j * m + c]: a row's kernel and bias gradients, a block of 16 channels at a time in ten registers.
-void RowGradients(const float* const* taps, const float* d, float* sums, Geometry g) {
+// d[j * m + c], for c in [c0, c1) (m = g.channels): a row's kernel and bias gradients, a block of 16 channels at a
+// time in ten registers.
+void RowGradients(const float* const* taps, const float* d, float* sums, Geometry g, int64_t c0, int64_t c1) {
   const int64_t m = g.channels;
-  int64_t c = 0;
-  for (; c + kLanes <= m; c += kLanes) {
+  int64_t c = c0;
+  for (; c + kLanes <= c1; c += kLanes) {
     Vector acc[10] = {};
     for (int64_t j = 0; j < g.width; ++j) {
       const Vector dj = Load(d + j * m + c);
@@ -254,13 +210,43 @@ void RowGradients(const float* const* taps, const float* d, float* sums, Geometr
     }
     for (int tap = 0; tap < 10; ++tap) Store(sums + tap * m + c, acc[tap]);
   }
-  for (; c < m; ++c) {
+  for (; c < c1; ++c) {
     float acc[10] = {};
     for (int64_t j = 0; j < g.width; ++j) {
       for (int tap = 0; tap < 9; ++tap) acc[tap] += taps[9 * j + tap][c] * d[j * m + c];
       acc[9] += d[j * m + c];
     }
     for (int tap = 0; tap < 10; ++tap) sums[tap * m + c] = acc[tap];
+  }
+}
+
+void ForwardItem(const float* x, const float* kernel, const float* bias, const float* zeros, float* y, Geometry g,
+                 int64_t c0, int64_t c1) {
+  std::vector<const float*> taps(9 * g.width);
+  for (int64_t i = 0; i < g.height; ++i) {
+    RowTaps(x, zeros, g, i, +1, taps.data());
+    RowStencil(taps.data(), kernel, bias, y + i * g.width * g.channels, g, c0, c1);
+  }
+}
+
+// dx for channels [c0, c1), and their kernel and bias gradients, summed row by row (sums: 10 x C scratch).
+void BackwardItem(const float* x, const float* kernel, const float* dy, const float* zeros, float* dx,
+                  float* dkernel, float* dbias, float* sums, Geometry g, int64_t c0, int64_t c1) {
+  const int64_t C = g.channels, row = g.width * C;
+  std::fill(dbias + c0, dbias + c1, 0.0f);
+  for (int tap = 0; tap < 9; ++tap) std::fill(dkernel + tap * C + c0, dkernel + tap * C + c1, 0.0f);
+  std::vector<const float*> taps(9 * g.width);
+  for (int64_t i = 0; i < g.height; ++i) {
+    RowTaps(x, zeros, g, i, +1, taps.data());
+    RowGradients(taps.data(), dy + i * row, sums, g, c0, c1);
+    for (int64_t c = c0; c < c1; ++c) dbias[c] += sums[9 * C + c];
+    for (int tap = 0; tap < 9; ++tap) {
+      for (int64_t c = c0; c < c1; ++c) dkernel[tap * C + c] += sums[tap * C + c];
+    }
+  }
+  for (int64_t i = 0; i < g.height; ++i) {
+    RowTaps(dy, zeros, g, i, -1, taps.data());
+    RowStencil(taps.data(), kernel, zeros, dx + i * row, g, c0, c1);
   }
 }
 
@@ -282,7 +268,7 @@ void GatedForwardItem(const float* u, const float* shift, const float* kernel, c
   SiluBlock(u, shift, g, c0, n, s, nullptr);
   for (int64_t i = 0; i < g.height; ++i) {
     RowTaps(s, s + block - m, blocked, i, +1, taps.data());
-    RowStencil(taps.data(), packed, packed + 9 * m, y, blocked);
+    RowStencil(taps.data(), packed, packed + 9 * m, y, blocked, 0, m);
     for (int64_t j = 0; j < g.width; ++j) {
       const float *__restrict ya = y + j * m, *__restrict yg = ya + n;
       float* __restrict o = out + (i * g.width + j) * C + c0;
@@ -313,7 +299,7 @@ void GatedBackwardItem(const float* u, const float* shift, const float* kernel, 
   }
   for (int64_t i = 0; i < g.height; ++i) {
     RowTaps(s, zeros, blocked, i, +1, taps.data());
-    RowStencil(taps.data(), packed, packed + 9 * m, y, blocked);
+    RowStencil(taps.data(), packed, packed + 9 * m, y, blocked, 0, m);
     float* dy_row = dy + i * g.width * m;
     for (int64_t j = 0; j < g.width; ++j) {
       const float *__restrict ya = y + j * m, *__restrict yg = ya + n;
@@ -325,7 +311,7 @@ void GatedBackwardItem(const float* u, const float* shift, const float* kernel, 
         d[n + c] = o[c] * ya[c] * sigmoid * (1.0f + yg[c] * (1.0f - sigmoid));
       }
     }
-    RowGradients(taps.data(), dy_row, sums, blocked);
+    RowGradients(taps.data(), dy_row, sums, blocked, 0, m);
     for (int half = 0; half < 2; ++half) {
       for (int64_t c = 0; c < n; ++c) dbias[half * C + c0 + c] += sums[9 * m + half * n + c];
       for (int tap = 0; tap < 9; ++tap) {
@@ -336,7 +322,7 @@ void GatedBackwardItem(const float* u, const float* shift, const float* kernel, 
   for (int half = 0; half < 2; ++half) std::fill(dshift + half * C + c0, dshift + half * C + c0 + n, 0.0f);
   for (int64_t i = 0; i < g.height; ++i) {
     RowTaps(dy, zeros, blocked, i, -1, taps.data());
-    RowStencil(taps.data(), packed, zeros, y, blocked);  // y: ds, the SiLU output's gradient
+    RowStencil(taps.data(), packed, zeros, y, blocked, 0, m);  // y: ds, the SiLU output's gradient
     for (int64_t j = 0; j < g.width; ++j) {
       const int64_t p = i * g.width + j;
       for (int half = 0; half < 2; ++half) {
@@ -389,7 +375,7 @@ ffi::Error Backward(ffi::ThreadPool pool, Images x, Kernels kernel, Images dy,
   auto d = x.dimensions();
   const Geometry g{d[1], d[2], d[3]};
   const int64_t C = g.channels, image = g.height * g.width * C, blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  // One (10, C) row accumulator per image: items of one image touch disjoint channels of it.
+  // One (10, C) row of sums per image: items of one image touch disjoint channels of it.
   std::vector<float> rows(d[0] * 10 * C);
   const std::vector<float> zeros(C);
   const float* zp = zeros.data();
