@@ -1,4 +1,4 @@
-"""Fused linear-attention kernels and the depthwise convolution's (importable as `sana_jax.kernels`)."""
+"""The attentions' and the depthwise convolution's kernels (importable as `sana_jax.kernels`)."""
 
 if __name__ == "kernels":
     # Imported as top-level `kernels` because the repository root is on sys.path (`python -m ...` run there):
@@ -17,8 +17,9 @@ if __name__ == "kernels":
         sys.modules["kernels"] = _module
         _spec.loader.exec_module(_module)
 else:
+    from sana_jax.kernels.cross_attention import cross_attention, cross_attention_xla
     from sana_jax.kernels.depthwise_conv import depthwise_conv3x3, gated_depthwise_conv3x3, native_unsupported
     from sana_jax.kernels.linear_attention import linear_attention, linear_attention_xla, triton_unsupported
 
-    __all__ = ["depthwise_conv3x3", "gated_depthwise_conv3x3", "linear_attention", "linear_attention_xla",
-               "native_unsupported", "triton_unsupported"]
+    __all__ = ["cross_attention", "cross_attention_xla", "depthwise_conv3x3", "gated_depthwise_conv3x3",
+               "linear_attention", "linear_attention_xla", "native_unsupported", "triton_unsupported"]

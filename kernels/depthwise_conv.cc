@@ -20,54 +20,31 @@
 // so that u is read once and neither s nor y is written out; the backward recomputes y.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using sana_jax::Exp;
+using sana_jax::ForEachItem;
+using sana_jax::kLanes;
+using sana_jax::Load;
+using sana_jax::Scratch;
+using sana_jax::Store;
+using sana_jax::Vector;
 
 constexpr int64_t kChannelBlock = 128;
 
 struct Geometry {
   int64_t height, width, channels;
 };
-
-// Calls item(i) for i in [0, count) on the calling thread and on the pool's threads; returns when all are done.
-template <typename Item>
-void ForEachItem(ffi::ThreadPool& pool, int64_t count, Item item) {
-  struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  auto progress = std::make_shared<Progress>();
-  auto work = [progress, count, item]() {
-    for (int64_t i; (i = progress->next.fetch_add(1)) < count;) {
-      item(i);
-      if (progress->done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(progress->mutex);
-        progress->finished.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(count, std::max<int64_t>(pool.num_threads(), 1)) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();  // a helper that starts late finds no item left, so waiting below never depends on the pool
-  std::unique_lock<std::mutex> lock(progress->mutex);
-  progress->finished.wait(lock, [&] { return progress->done.load() == count; });
-}
 
 // The nine taps' rows of `source` (g.channels floats per pixel) around pixel (i, j):
 // source[i + sign (ky - 1), j + sign (kx - 1)], or `zeros` (g.channels of them) where that falls outside the image
@@ -96,23 +73,6 @@ void Stencil(const float* const taps[9], const float* __restrict kernel, int64_t
              t4[c] * k[4 * S + c] + t5[c] * k[5 * S + c] + t6[c] * k[6 * S + c] + t7[c] * k[7 * S + c] +
              t8[c] * k[8 * S + c];
   }
-}
-
-// exp(x) within 2 ulp, in a form the compiler vectorises: x = n ln2 + r with |r| <= ln2 / 2 (n rounded by adding
-// and subtracting 1.5 * 2^23), exp(r) by Cephes' expf polynomial, 2^n by the exponent bits. x is clamped to
-// [-87, 88], inside float's normal range.
-inline float Exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts, so that r is exact
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 inline float Sigmoid(float z) { return 1.0f / (1.0f + Exp(-z)); }
@@ -150,18 +110,6 @@ void PackBlock(const float* kernel, const float* bias, int64_t C, int64_t c0, in
     }
   }
 }
-
-// 16 floats, in the widest registers the target has (GCC's and Clang's generic vectors), loaded and stored unaligned.
-typedef float Vector __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-inline Vector Load(const float* p) {
-  Vector v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, Vector v) { std::memcpy(p, &v, sizeof(v)); }
 
 // The nine taps' pointers (Taps) of every pixel of row i, 9 per pixel, in `taps` (9 W of them).
 void RowTaps(const float* source, const float* zeros, Geometry g, int64_t i, int sign, const float** taps) {
@@ -248,13 +196,6 @@ void BackwardItem(const float* x, const float* kernel, const float* dy, const fl
     RowTaps(dy, zeros, g, i, -1, taps.data());
     RowStencil(taps.data(), kernel, zeros, dx + i * row, g, c0, c1);
   }
-}
-
-// Per-thread scratch of at least `size` floats, kept between calls.
-float* Scratch(int64_t size) {
-  thread_local std::vector<float> scratch;
-  if (static_cast<int64_t>(scratch.size()) < size) scratch.resize(size);
-  return scratch.data();
 }
 
 void GatedForwardItem(const float* u, const float* shift, const float* kernel, const float* bias, float* out,

@@ -7,9 +7,11 @@ For q, k, v of shape (B, N, H, d), per batch entry and head, with q, k, v upcast
 `linear_attention` is a `jax.custom_vjp` whose forward returns the float32 state S = relu(K)^T V
 (B, H, d, d) and key sum z = relu(K)^T 1 (B, H, d) next to the output, and whose backward is the
 closed form of docs/kernels.md, so the residuals are q, k, v, S and z and no (N, d) float32 temporary
-is kept. `impl` picks who runs the two halves: the Triton kernels through jax_triton, or the same
-math in jnp. Both go through `partitioning.per_head`, so either works under vmap and keeps a batch-
-or head-sharded input sharded.
+is kept. `impl` picks who runs the two halves: the C++ kernels of `attention.cc` (CPU, float32;
+one item per batch entry and head, reading the rows where they lie, where XLA transposes them and runs
+small batched products), the Triton kernels through jax_triton (GPU), or the same math in jnp. All go
+through `partitioning.per_head`, so each works under vmap and keeps a batch- or head-sharded input
+sharded.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sana_jax.kernels import partitioning
+from sana_jax.kernels import native_attention, partitioning
 
-IMPLS = ("auto", "triton", "xla")
+IMPLS = ("auto", "native", "triton", "xla")
 
 _logger = logging.getLogger(__name__)
 
@@ -76,6 +79,20 @@ def _backward_xla(q, k, v, state, key_sum, dout, eps):
             dv.astype(v.dtype))
 
 
+def _forward_native(q, k, v, eps):
+    batch, _, heads, d = q.shape
+    results = (native_attention.result(q, q.shape, (0, 1, 2, 3)),
+               native_attention.result(q, (batch, heads, d, d), (0, 2, None, None)),
+               native_attention.result(q, (batch, heads, d), (0, 2, None)))
+    return jax.ffi.ffi_call(native_attention.LINEAR_FORWARD, results)(q, k, v, eps=np.float32(eps))
+
+
+def _backward_native(q, k, v, state, key_sum, dout, eps):
+    results = tuple(native_attention.result(a, a.shape, (0, 1, 2, 3)) for a in (q, k, v))
+    return jax.ffi.ffi_call(native_attention.LINEAR_BACKWARD, results)(q, k, v, state, key_sum, dout,
+                                                                       eps=np.float32(eps))
+
+
 @functools.cache
 def _halves(impl: str, eps: float):
     """(forward, backward) of `impl` for one eps, wrapped for vmap and sharding."""
@@ -83,6 +100,9 @@ def _halves(impl: str, eps: float):
         from sana_jax.kernels import triton_linear_attention as kernels
 
         run_forward, run_backward = kernels.forward, kernels.backward
+    elif impl == "native":
+        native_attention.require()
+        run_forward, run_backward = _forward_native, _backward_native
     else:
         run_forward, run_backward = _forward_xla, _backward_xla
     forward = partitioning.per_head(
@@ -135,12 +155,18 @@ def triton_unsupported(q: jax.Array) -> str | None:
 def _resolve(impl: str, q: jax.Array) -> str:
     if impl == "xla":
         return impl
-    reason = triton_unsupported(q)
-    if reason is None:
-        _logger.debug("linear_attention(impl=%r): Triton kernels for %s %s", impl, q.shape, q.dtype)
-        return "triton"
     if impl == "triton":
-        raise ValueError(f"linear_attention(impl='triton'): {reason}")
+        reason = triton_unsupported(q)
+        if reason is not None:
+            raise ValueError(f"linear_attention(impl='triton'): {reason}")
+        _logger.debug("linear_attention(impl='triton'): Triton kernels for %s %s", q.shape, q.dtype)
+        return impl
+    reason = native_attention.unsupported(q)
+    if reason is None:
+        _logger.debug("linear_attention(impl=%r): C++ kernels for %s %s", impl, q.shape, q.dtype)
+        return "native"
+    if impl == "native":
+        raise ValueError(f"linear_attention(impl='native'): {reason}")
     _logger.debug("linear_attention(impl='auto'): XLA, since %s", reason)
     return "xla"
 
@@ -151,10 +177,11 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1
 
     Args:
       q, k, v: (B, N, H, d) queries, keys and values, one shape and dtype (float32 or bfloat16 for
-        the Triton kernels).
+        the Triton kernels, float32 for the native ones).
       eps: added to the normaliser.
-      impl: "triton" (the Triton kernels through jax_triton; needs a GPU backend, d in (32, 64, 128)),
-        "xla" (jnp), or "auto" (Triton when it can run, else XLA).
+      impl: "native" (the C++ kernels: CPU backend, float32), "triton" (the Triton kernels through
+        jax_triton: GPU backend, d in (32, 64, 128); only when asked for), "xla" (jnp), or "auto"
+        (native where it can run, else XLA).
     Returns:
       (B, N, H, d) in q's dtype.
     """

@@ -2,15 +2,17 @@
 
 A kernel's shared library is compiled on first use with the system's C++ compiler ($CXX, else c++, g++ or
 clang++) for the CPU at hand (-march=native) and kept in `sana_jax.cli.cache_dir()/native`, under a name that
-hashes the source, jaxlib's version (whose FFI headers it is built against), the compiler and the CPU: a change
-to any of them builds it anew, and hosts sharing a home folder keep one library per kind of CPU. Concurrent
-builds are serialised by a file lock, and a library lands by an atomic rename.
+hashes the source and the headers next to it (`kernels/*.h`), jaxlib's version (whose FFI headers it is built
+against), the compiler and the CPU: a change to any of them builds it anew, and hosts sharing a home folder keep
+one library per kind of CPU. Concurrent builds are serialised by a file lock, and a library lands by an atomic
+rename.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import hashlib
 import os
 import platform
@@ -74,8 +76,10 @@ def library(name: str) -> ctypes.CDLL:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeBuildError(f"{cxx} --version: {e}") from None
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read())
+    key = hashlib.sha256()
+    for path in [source, *sorted(glob.glob(os.path.join(os.path.dirname(source), "*.h")))]:
+        with open(path, "rb") as f:
+            key.update(f.read())
     for part in (jaxlib.__version__, cxx, version, " ".join(FLAGS), _cpu_signature()):
         key.update(part.encode())
     folder = os.path.join(cli.cache_dir(os.environ), "native")

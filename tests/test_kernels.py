@@ -1,4 +1,5 @@
-"""Linear-attention kernels: the jnp paths in-process, the Triton kernels under Triton's interpreter.
+"""Linear-attention kernels: the jnp paths and the C++ kernels in-process, the Triton kernels under Triton's
+interpreter.
 
 The Triton half runs in one child process (this file run as a script) with TRITON_INTERPRET=1 and four
 host devices. There `jax_triton.triton_call` is stood in for by a `jax.pure_callback` that launches the
@@ -11,6 +12,7 @@ float64 and its autograd gradients.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -127,26 +129,44 @@ def test_custom_vjp_matches_reference_autodiff(dtype):
     _assert_matches(out, grads, *(x.astype(jnp.float32) for x in (q, k, v, dout)), TOLERANCE[dtype])
 
 
-def test_custom_vjp_under_vmap_with_an_unmapped_argument(data):
-    q, k, v, dout = data
+# Head dims the C++ kernels take (multiples of 16 up to 128), odd token counts, one token.
+NATIVE_SHAPES = [(2, 37, 3, 16), (1, 1, 1, 32), (2, 300, 2, 64), (1, 5, 2, 128), (2, 9, 1, 48)]
+
+
+@pytest.mark.parametrize("shape", NATIVE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_native_matches_float64_reference(shape):
+    q, k, v, dout = (jnp.asarray(x) for x in _inputs(3, shape, "float32"))
+    out, grads = jax.jit(lambda *a: _grads(lambda *x: linear_attention(*x, impl="native"), *a))(q, k, v, dout)
+    _assert_matches(out, grads, q, k, v, dout, TOLERANCE["float32"])
+
+
+@pytest.fixture(scope="module")
+def data16():
+    return tuple(jnp.asarray(x) for x in _inputs(4, (2, 37, 3, 16), "float32"))
+
+
+@pytest.mark.parametrize("impl", ["xla", "native"])
+def test_custom_vjp_under_vmap_with_an_unmapped_argument(data16, impl):
+    q, k, v, dout = data16
     qs, ks, douts = jnp.stack([q, 2 * q]), jnp.stack([k, -k]), jnp.stack([dout, dout[::-1]])
 
     def per_example(attention):
         return jax.jit(jax.vmap(lambda q, k, g: _grads(attention, q, k, v, g), in_axes=(0, 0, 0)))
 
-    out, grads = per_example(lambda *x: linear_attention(*x, impl="xla"))(qs, ks, douts)
+    out, grads = per_example(lambda *x: linear_attention(*x, impl=impl))(qs, ks, douts)
     for i in range(2):
         _assert_matches(out[i], [g[i] for g in grads], qs[i], ks[i], v, douts[i], TOLERANCE["float32"])
 
 
-def test_grad_of_vmap_and_remat_match_reference(data):
-    q, k, v, _ = data
+@pytest.mark.parametrize("impl", ["xla", "native"])
+def test_grad_of_vmap_and_remat_match_reference(data16, impl):
+    q, k, v, _ = data16
 
     def loss(attention):
         per_view = jax.vmap(jax.checkpoint(attention), in_axes=(0, None, None))
         return lambda q, k, v: jnp.sum(jnp.sin(per_view(jnp.stack([q, q[:, ::-1]]), k, v)))
 
-    grads = jax.jit(jax.grad(loss(lambda *x: linear_attention(*x, impl="xla")), argnums=(0, 1, 2)))(q, k, v)
+    grads = jax.jit(jax.grad(loss(lambda *x: linear_attention(*x, impl=impl)), argnums=(0, 1, 2)))(q, k, v)
     expected = jax.jit(jax.grad(loss(linear_attention_xla), argnums=(0, 1, 2)))(q, k, v)
     for g, e in zip(grads, expected, strict=True):
         assert _error(g, np.asarray(e, np.float64), 0.0) < TOLERANCE["float32"]
@@ -163,14 +183,22 @@ def test_bad_inputs_name_the_problem(data):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the choice made without a GPU")
-def test_auto_falls_back_to_xla_without_a_gpu_and_says_so(data, caplog):
-    q, k, v, _ = data
+def test_auto_runs_native_where_it_can_else_xla_and_says_why(data, data16, caplog):
+    module = importlib.import_module("sana_jax.kernels.native_attention")
+    q, k, v, _ = data16
+    hlo = jax.jit(jax.grad(lambda q: jnp.sum(linear_attention(q, k, v, impl="auto")))).lower(q).as_text()
+    assert module.LINEAR_FORWARD in hlo and module.LINEAR_BACKWARD in hlo
+    q, k, v, _ = data  # head dim 8
     with caplog.at_level(logging.DEBUG, logger="sana_jax.kernels.linear_attention"):
         out = linear_attention(q, k, v, impl="auto")
-    assert "XLA, since the default backend is 'cpu'" in caplog.text
+    assert "XLA, since head dim 8 is not a multiple of 16 up to 128" in caplog.text
     np.testing.assert_allclose(out, jax.jit(linear_attention_xla)(q, k, v), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="impl='triton'.*not 'gpu'"):
         linear_attention(q, k, v, impl="triton")
+    with pytest.raises(ValueError, match="impl='native'.*head dim 8"):
+        linear_attention(q, k, v, impl="native")
+    with pytest.raises(ValueError, match="impl='native'.*dtype bfloat16 is not float32"):
+        linear_attention(*(x.astype(jnp.bfloat16) for x in data16[:3]), impl="native")
 
 
 def test_launch_table_splits_tokens_only_when_heads_are_few():
@@ -309,11 +337,15 @@ def test_sharded_inputs_stay_sharded(child, mesh):
     name = f"sharded-{mesh}"
     _assert_matches(arrays[f"{name}/out"], [arrays[f"{name}/{n}"] for n in ("dq", "dk", "dv")],
                     q, k, v, dout, TOLERANCE["float32"])
+    _assert_matches(arrays[f"{name}-native/out"], [arrays[f"{name}-native/{n}"] for n in ("dq", "dk", "dv")],
+                    q, k, v, dout, TOLERANCE["float32"])
     shape, axes, spec, _ = MESHES[mesh]
     spec = list(spec) + [None] * (4 - len(spec))
     kept = [spec[0], None, spec[2], None]  # batch and head shardings pass, a token sharding cannot
-    assert report[name]["grad_spec"] == spec
-    assert report[name]["all_gather"] == report[f"{name}-triton"]["all_gather"] == (kept != spec)
+    assert report[name]["grad_spec"] == report[f"{name}-native"]["grad_spec"] == spec
+    assert report[f"{name}-native"]["native"]
+    assert (report[name]["all_gather"] == report[f"{name}-native"]["all_gather"]
+            == report[f"{name}-triton"]["all_gather"] == (kept != spec))
     # The Triton path compiles to kernel calls on each device's shard of (4, 36, 4, 32).
     sizes = dict(zip(axes, shape, strict=True))
     batch, tokens, heads, head_dim = (
@@ -392,8 +424,8 @@ def _run_child(out_dir: str) -> None:
     out, (dq, dk, dv) = jax.jit(jax.vmap(grads("triton")))(q, k, v, dout)
     save("vmap", q=q, k=k, v=v, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
 
-    # Sharded: the jnp path runs; the Triton path is compiled only, since host callbacks made inside a
-    # custom_partitioning rule are not kept alive by the executable (a jax_triton call is no callback).
+    # Sharded: the jnp path and the C++ kernels run; the Triton path is compiled only, since host callbacks made
+    # inside a custom_partitioning rule are not kept alive by the executable (a jax_triton call is no callback).
     q, k, v, dout = (jnp.asarray(x) for x in _inputs(200, (4, 36, 4, 32), "float32"))
     save("sharded", q=q, k=k, v=v, dout=dout)
     for mesh_name, (shape, axes, spec, axis_type) in MESHES.items():
@@ -405,6 +437,13 @@ def _run_child(out_dir: str) -> None:
         report[f"sharded-{mesh_name}"] = {
             "grad_spec": list(dq.sharding.spec) + [None] * (4 - len(dq.sharding.spec)),
             "all_gather": "all-gather" in compiled.as_text()}
+        compiled = jax.jit(grads("native")).lower(*placed).compile()
+        out, (dq, dk, dv) = compiled(*placed)
+        save(f"sharded-{mesh_name}-native", out=out, dq=dq, dk=dk, dv=dv)
+        report[f"sharded-{mesh_name}-native"] = {
+            "grad_spec": list(dq.sharding.spec) + [None] * (4 - len(dq.sharding.spec)),
+            "all_gather": "all-gather" in compiled.as_text(),
+            "native": "sana_linear_attention_backward" in compiled.as_text()}
         hlo = jax.jit(grads("triton")).lower(*placed).compile().as_text()
         calls = [line for line in hlo.splitlines() if "xla_ffi_python_cpu_callback" in line]
         shapes = {shape for line in calls for shape in re.findall(r"\[(\d+),(\d+),(\d+),(\d+)\]", line)}

@@ -11,7 +11,7 @@ import jax
 QK_NORMS = (None, "rms_norm_across_heads")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "triton", "auto")
+ATTENTION_IMPLS = ("auto", "xla", "native", "triton")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -47,7 +47,10 @@ class SanaConfig:
     # Numerics. Linear attention always accumulates in float32.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    attention_impl: str = "xla"
+    # The linear attention's core: "xla" (jnp, autodiff), "native" (the C++ kernels with the closed-form backward:
+    # CPU, float32, head dim a multiple of 16 up to 128), "triton" (the Triton kernels: GPU), or "auto": native
+    # where it can run, else xla (`sana_jax.kernels.linear_attention`).
+    attention_impl: str = "auto"
     attention_eps: float = 1e-15
     remat: str = "none"
     # Run the blocks (stacked weights either way) as an unrolled loop instead of a scan; None: unrolled on

@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sana_jax.kernels import native_attention
+from sana_jax.kernels.cross_attention import cross_attention
 from sana_jax.kernels.depthwise_conv import gated_depthwise_conv3x3
+from sana_jax.kernels.linear_attention import linear_attention, linear_attention_xla
 from sana_jax.model.config import SanaConfig
 
 TIMESTEP_CHANNELS = 256
@@ -156,12 +159,18 @@ class LinearSelfAttention(nn.Module):
         return dense(("heads", "embed"), name="to_out")(out)
 
 
-def _linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SanaConfig) -> jax.Array:
-    from sana_jax.kernels import linear_attention, linear_attention_xla
+def _attention_impl(cfg: SanaConfig, q: jax.Array) -> str:
+    """cfg.attention_impl for queries q (B, N, H, d); "auto": "native" where the C++ kernels run, else "xla"."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    return "native" if native_attention.unsupported(q) is None else "xla"
 
-    if cfg.attention_impl == "xla":
+
+def _linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SanaConfig) -> jax.Array:
+    impl = _attention_impl(cfg, q)
+    if impl == "xla":
         return linear_attention_xla(q, k, v, cfg.attention_eps)
-    return linear_attention(q, k, v, eps=cfg.attention_eps, impl=cfg.attention_impl)
+    return linear_attention(q, k, v, eps=cfg.attention_eps, impl=impl)
 
 
 class CrossAttention(nn.Module):
@@ -182,10 +191,8 @@ class CrossAttention(nn.Module):
             k = RMSNorm("heads", param_dtype=cfg.param_dtype, name="norm_k")(k)
         split = lambda t: t.reshape(*t.shape[:-1], cfg.cross_num_heads, cfg.cross_head_dim)
         q, k, v = split(q), split(k), split(v)
-        logits = jnp.einsum("bnhd,blhd->bhnl", q, k, preferred_element_type=jnp.float32)
-        logits = logits / math.sqrt(cfg.cross_head_dim) + caption_bias[:, None, None, :]
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhnl,blhd->bnhd", weights, v).reshape(*x.shape[:-1], cfg.hidden)
+        impl = "native" if _attention_impl(cfg, q) == "native" else "xla"
+        out = cross_attention(q, k, v, caption_bias, impl=impl).reshape(*x.shape[:-1], cfg.hidden)
         # Zero-initialised: the ungated cross-attention starts as a no-op.
         return dense(("heads", "embed"), kernel_init=_zeros, name="to_out")(out)
 
