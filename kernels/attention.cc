@@ -73,7 +73,7 @@ void RowsTimes(const float* const* a, const float* m, int64_t rows, int64_t stri
 // m[r, :d] += sum_t a[t][r] b[t] for r < rows.
 template <int V, int T>
 void AddOuters(const float* const* a, const Vector (&b)[T][V], float* m, int64_t rows, int64_t stride) {
-  Vector columns[T][V];
+  Vector columns[T][V];  // b, copied: the stores to m cannot change it, so it stays in registers
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < V; ++j) columns[t][j] = b[t][j];
   for (int64_t r = 0; r < rows; ++r) {
