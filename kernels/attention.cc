@@ -38,8 +38,6 @@ using sana_jax::Scratch;
 using sana_jax::Store;
 using sana_jax::Vector;
 
-constexpr int kGroup = 4;  // tokens per pass over a matrix
-
 template <int T>
 using Size = std::integral_constant<int, T>;
 
@@ -99,11 +97,11 @@ void RowsTimesWide(const float* const* a, const float* m, int64_t columns, float
   }
 }
 
-// Calls group(Size<T>{}, i) for the groups of `tokens` tokens: T = kGroup at a time, then one at a time.
-template <typename Group>
+// Calls group(Size<T>{}, i) for the groups of `tokens` tokens: T = G at a time, then one at a time.
+template <int G, typename Group>
 void ForGroups(int64_t tokens, Group group) {
   int64_t i = 0;
-  for (; i + kGroup <= tokens; i += kGroup) group(Size<kGroup>{}, i);
+  for (; i + G <= tokens; i += G) group(Size<G>{}, i);
   for (; i < tokens; ++i) group(Size<1>{}, i);
 }
 
@@ -135,6 +133,7 @@ bool WithVectors(int64_t d, Run run) {
 template <int V>
 struct LinearHead {
   static constexpr int64_t d = V * kLanes;
+  static constexpr int kGroup = 4;  // tokens per pass over a d x d matrix
   int64_t tokens, stride;
 
   // Writes relu(x[t]) of T rows x + t stride into relu + t d, and points rows[t] at it.
@@ -242,9 +241,13 @@ struct LinearHead {
     float* relu = Scratch(kGroup * d);
     std::fill(state, state + d * d, 0.0f);
     Vector z[V] = {};
-    ForGroups(tokens, [&](auto size, int64_t i) { StateGroup(size, k + i * stride, v + i * stride, relu, state, z); });
+    ForGroups<kGroup>(tokens, [&](auto size, int64_t i) {
+      StateGroup(size, k + i * stride, v + i * stride, relu, state, z);
+    });
     for (int j = 0; j < V; ++j) Store(key_sum + j * kLanes, z[j]);
-    ForGroups(tokens, [&](auto size, int64_t i) { OutputGroup(size, q + i * stride, relu, state, z, eps, out + i * stride); });
+    ForGroups<kGroup>(tokens, [&](auto size, int64_t i) {
+      OutputGroup(size, q + i * stride, relu, state, z, eps, out + i * stride);
+    });
   }
 
   void Backward(const float* q, const float* k, const float* v, const float* state, const float* key_sum,
@@ -258,12 +261,12 @@ struct LinearHead {
     std::fill(d_state, d_state + d * d, 0.0f);
     Vector z[V], d_key_sum[V] = {};
     for (int j = 0; j < V; ++j) z[j] = Load(key_sum + j * kLanes);
-    ForGroups(tokens, [&](auto size, int64_t i) {
+    ForGroups<kGroup>(tokens, [&](auto size, int64_t i) {
       QueryGroup(size, q + i * stride, dout + i * stride, relu, scaled, state, state_t, z, eps, dq + i * stride,
                  d_state, d_key_sum);
     });
     Transpose(d_state, d, d, d, d, d_state_t);
-    ForGroups(tokens, [&](auto size, int64_t i) {
+    ForGroups<kGroup>(tokens, [&](auto size, int64_t i) {
       KeyGroup(size, k + i * stride, v + i * stride, relu, d_state, d_state_t, d_key_sum, dk + i * stride,
                dv + i * stride);
     });
@@ -275,6 +278,7 @@ struct LinearHead {
 template <int V>
 struct CrossHead {
   static constexpr int64_t d = V * kLanes;
+  static constexpr int kGroup = 8;  // tokens per pass over the keys and values
   int64_t tokens, keys, padded, stride;
   float scale;
 
@@ -369,7 +373,7 @@ struct CrossHead {
     float* p = bias_row + padded;
     Transpose(k, keys, d, stride, padded, keys_t);
     PadBias(bias, bias_row);
-    ForGroups(tokens, [&](auto size, int64_t i) {
+    ForGroups<kGroup>(tokens, [&](auto size, int64_t i) {
       ForwardGroup(size, q + i * stride, keys_t, bias_row, v, p, out + i * stride);
     });
   }
@@ -390,7 +394,7 @@ struct CrossHead {
       std::fill(dk + j * stride, dk + j * stride + d, 0.0f);
       std::fill(dv + j * stride, dv + j * stride + d, 0.0f);
     }
-    ForGroups(tokens, [&](auto size, int64_t i) {
+    ForGroups<kGroup>(tokens, [&](auto size, int64_t i) {
       BackwardGroup(size, q + i * stride, dout + i * stride, k, keys_t, values_t, bias_row, p, ds, dq + i * stride,
                     dk, dv, bias_sums);
     });
