@@ -81,19 +81,12 @@ def _grouped(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     return out + bias
 
 
-@functools.cache
 def _native_build_failure() -> str | None:
     """Why the native kernels' library cannot be had here (built, loaded and registered), or None."""
-    try:
-        library = native.library("depthwise_conv")
-    except native.NativeBuildError as e:
-        return str(e)
-    for target, symbol in ((_FORWARD_TARGET, "SanaDepthwiseConv3x3"),
-                           (_BACKWARD_TARGET, "SanaDepthwiseConv3x3Backward"),
-                           (_GATED_FORWARD_TARGET, "SanaGatedDepthwiseConv3x3"),
-                           (_GATED_BACKWARD_TARGET, "SanaGatedDepthwiseConv3x3Backward")):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return None
+    return native.registration_failure("depthwise_conv", (
+        (_FORWARD_TARGET, "SanaDepthwiseConv3x3"), (_BACKWARD_TARGET, "SanaDepthwiseConv3x3Backward"),
+        (_GATED_FORWARD_TARGET, "SanaGatedDepthwiseConv3x3"),
+        (_GATED_BACKWARD_TARGET, "SanaGatedDepthwiseConv3x3Backward")))
 
 
 def native_unsupported(x: jax.Array) -> str | None:

@@ -95,3 +95,16 @@ def library(name: str) -> ctypes.CDLL:
         return ctypes.CDLL(target)
     except OSError as e:
         raise NativeBuildError(f"cannot load {target}: {e}") from None
+
+
+@functools.cache
+def registration_failure(name: str, handlers: tuple[tuple[str, str], ...]) -> str | None:
+    """Builds and loads kernels/`name`.cc's library and registers each (target, symbol) of `handlers`, the FFI
+    handler `symbol` as the CPU custom-call target `target`; why that failed (one line), or None."""
+    try:
+        loaded = library(name)
+    except NativeBuildError as e:
+        return str(e)
+    for target, symbol in handlers:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
+    return None

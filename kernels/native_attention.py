@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -14,20 +12,13 @@ LINEAR_FORWARD = "sana_linear_attention"
 LINEAR_BACKWARD = "sana_linear_attention_backward"
 CROSS_FORWARD = "sana_cross_attention"
 CROSS_BACKWARD = "sana_cross_attention_backward"
-_SYMBOLS = {LINEAR_FORWARD: "SanaLinearAttention", LINEAR_BACKWARD: "SanaLinearAttentionBackward",
-            CROSS_FORWARD: "SanaCrossAttention", CROSS_BACKWARD: "SanaCrossAttentionBackward"}
+_HANDLERS = ((LINEAR_FORWARD, "SanaLinearAttention"), (LINEAR_BACKWARD, "SanaLinearAttentionBackward"),
+             (CROSS_FORWARD, "SanaCrossAttention"), (CROSS_BACKWARD, "SanaCrossAttentionBackward"))
 
 
-@functools.cache
 def build_failure() -> str | None:
     """Why the kernels' library cannot be had here (built, loaded and registered), or None."""
-    try:
-        library = native.library("attention")
-    except native.NativeBuildError as e:
-        return str(e)
-    for target, symbol in _SYMBOLS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return None
+    return native.registration_failure("attention", _HANDLERS)
 
 
 def require() -> None:
