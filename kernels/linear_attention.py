@@ -179,9 +179,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1
       q, k, v: (B, N, H, d) queries, keys and values, one shape and dtype (float32 or bfloat16 for
         the Triton kernels, float32 for the native ones).
       eps: added to the normaliser.
-      impl: "native" (the C++ kernels: CPU backend, float32), "triton" (the Triton kernels through
-        jax_triton: GPU backend, d in (32, 64, 128); only when asked for), "xla" (jnp), or "auto"
-        (native where it can run, else XLA).
+      impl: "native" (the C++ kernels: CPU backend, float32, d a multiple of 16 up to 128), "triton"
+        (the Triton kernels through jax_triton: GPU backend, d in (32, 64, 128); only when asked for),
+        "xla" (jnp), or "auto" (native where it can run, else XLA).
     Returns:
       (B, N, H, d) in q's dtype.
     """

@@ -47,9 +47,9 @@ class SanaConfig:
     # Numerics. Linear attention always accumulates in float32.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    # The linear attention's core: "xla" (jnp, autodiff), "native" (the C++ kernels with the closed-form backward:
-    # CPU, float32, head dim a multiple of 16 up to 128), "triton" (the Triton kernels: GPU), or "auto": native
-    # where it can run, else xla (`sana_jax.kernels.linear_attention`).
+    # Who computes the two attentions' cores: "xla" (jnp, autodiff), "native" (C++ kernels: CPU, float32, head dims
+    # a multiple of 16 up to 128), "triton" (the linear attention's Triton kernels: GPU; the cross-attention in
+    # XLA), or "auto": native where it can run, else xla (`sana_jax.kernels`).
     attention_impl: str = "auto"
     attention_eps: float = 1e-15
     remat: str = "none"
