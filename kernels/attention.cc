@@ -26,17 +26,11 @@
 #include "xla/ffi/api/ffi.h"
 #include "cpu_kernels.h"
 
+namespace sana_jax {
+
 namespace ffi = xla::ffi;
 
 namespace {
-
-using sana_jax::Exp;
-using sana_jax::ForEachItem;
-using sana_jax::kLanes;
-using sana_jax::Load;
-using sana_jax::Scratch;
-using sana_jax::Store;
-using sana_jax::Vector;
 
 template <int T>
 using Size = std::integral_constant<int, T>;
@@ -346,9 +340,8 @@ struct CrossHead {
         Store(d_bias + c, Load(d_bias + c) + s);
       }
     }
-    const float* const* ds_const = ds_rows;
     Vector g[T][V], scaled[T][V], out_gradients[T][V];
-    RowsTimes<V, T>(ds_const, k, keys, stride, g);
+    RowsTimes<V, T>(ds_rows, k, keys, stride, g);
     for (int t = 0; t < T; ++t) {
       for (int j = 0; j < V; ++j) {
         Store(dq + t * stride + j * kLanes, g[t][j] * scale);
@@ -356,9 +349,8 @@ struct CrossHead {
         out_gradients[t][j] = Load(gradients[t] + j * kLanes);
       }
     }
-    AddOuters<V, T>(ds_const, scaled, dk, keys, stride);
-    const float* const* p_const = p_rows;
-    AddOuters<V, T>(p_const, out_gradients, dv, keys, stride);
+    AddOuters<V, T>(ds_rows, scaled, dk, keys, stride);
+    AddOuters<V, T>(p_rows, out_gradients, dv, keys, stride);
   }
 
   // bias (keys) -> row (padded), -inf beyond `keys`.
@@ -545,3 +537,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaCrossAttentionBackward, CrossBackward,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Tokens>().Arg<Tokens>().Arg<Tokens>()
                                   .Arg<Rows>().Arg<Tokens>().Attr<float>("scale").Ret<Tokens>().Ret<Tokens>()
                                   .Ret<Tokens>().Ret<Rows>());
+
+}  // namespace sana_jax

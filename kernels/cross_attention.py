@@ -88,8 +88,7 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *
     """
     if impl not in IMPLS:
         raise ValueError(f"cross_attention: impl={impl!r}: expected one of {IMPLS}")
-    batch, _, heads, d = q.shape if q.ndim == 4 else (None,) * 4
-    if (q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != (heads, d)
+    if (q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or (k.shape[0], *k.shape[2:]) != (q.shape[0], *q.shape[2:])
             or k.shape[1] < 1 or bias.shape != k.shape[:2]):
         raise ValueError(f"cross_attention: expected q (B, N, H, d), k and v (B, L, H, d) with L >= 1 and bias "
                          f"(B, L), got {q.shape}, {k.shape}, {v.shape}, {bias.shape}")

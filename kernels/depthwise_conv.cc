@@ -28,17 +28,11 @@
 #include "xla/ffi/api/ffi.h"
 #include "cpu_kernels.h"
 
+namespace sana_jax {
+
 namespace ffi = xla::ffi;
 
 namespace {
-
-using sana_jax::Exp;
-using sana_jax::ForEachItem;
-using sana_jax::kLanes;
-using sana_jax::Load;
-using sana_jax::Scratch;
-using sana_jax::Store;
-using sana_jax::Vector;
 
 constexpr int64_t kChannelBlock = 128;
 
@@ -405,3 +399,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SanaGatedDepthwiseConv3x3Backward, GatedBackward,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<GatedImages>().Arg<GatedBiases>()
                                   .Arg<GatedImages>().Arg<GatedBiases>().Arg<Images>().Ret<GatedImages>()
                                   .Ret<GatedBiases>().Ret<GatedImages>().Ret<GatedBiases>());
+
+}  // namespace sana_jax

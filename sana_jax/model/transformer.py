@@ -191,7 +191,7 @@ class CrossAttention(nn.Module):
             k = RMSNorm("heads", param_dtype=cfg.param_dtype, name="norm_k")(k)
         split = lambda t: t.reshape(*t.shape[:-1], cfg.cross_num_heads, cfg.cross_head_dim)
         q, k, v = split(q), split(k), split(v)
-        impl = "native" if _attention_impl(cfg, q) == "native" else "xla"
+        impl = "xla" if cfg.attention_impl == "triton" else cfg.attention_impl  # no Triton cross-attention
         out = cross_attention(q, k, v, caption_bias, impl=impl).reshape(*x.shape[:-1], cfg.hidden)
         # Zero-initialised: the ungated cross-attention starts as a no-op.
         return dense(("heads", "embed"), kernel_init=_zeros, name="to_out")(out)
